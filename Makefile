@@ -1,0 +1,47 @@
+# `make test` sets up a fresh machine from nothing and runs everything CI runs.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMPS := .stamps
+APT_PACKAGES := redis-server haproxy nginx wrk libpython3.11
+APT_PROBE := redis-server haproxy nginx wrk
+
+.PHONY: test lint unit demo bench setup servers clean
+
+test: setup lint
+	$(PY) -m pytest -q -p no:cacheprovider
+
+lint: $(STAMPS)/venv
+	$(VENV)/bin/ruff check sidecar tests bench
+	$(VENV)/bin/mypy
+
+setup: $(STAMPS)/apt $(STAMPS)/venv servers
+
+servers: $(STAMPS)/apt
+	bash scripts/setup-servers.sh
+
+demo: setup
+	$(PY) bench/demo.py
+
+bench: setup
+	$(PY) bench/proxy_overhead.py
+
+$(STAMPS)/apt:
+	@mkdir -p $(STAMPS)
+	@missing=0; for c in $(APT_PROBE); do command -v $$c >/dev/null || missing=1; done; \
+	  ldconfig -p | grep -q 'libpython3.11.so.1.0' || missing=1; \
+	  if [ $$missing = 1 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES) >/dev/null; \
+	  fi
+	@touch $@
+
+$(STAMPS)/venv: pyproject.toml
+	@mkdir -p $(STAMPS)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $@
+
+clean:
+	rm -rf $(VENV) .venv-triton .venv-kserve $(STAMPS) *.egg-info

@@ -1,0 +1,89 @@
+"""The composition root: the one place where the sidecar's parts are built and wired.
+
+Reading ``Sidecar.__init__`` shows the whole pipeline, in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+
+from aiohttp import web
+
+from .config import Config, split_host_port
+from .front.admin import AdminFront
+from .front.http import HttpFront, InFlight
+from .health import UpstreamMonitor
+from .metrics import Metrics
+from .pipeline.stage import Stage, chain
+from .pipeline.upstream import UpstreamClient
+from .state import State, StateMachine
+
+log = logging.getLogger("sidecar")
+
+
+class Sidecar:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.metrics = Metrics()
+        self.machine = StateMachine()
+        self.client = UpstreamClient(cfg.upstream, self.metrics)
+        self.monitor = UpstreamMonitor(self.client, cfg.upstream, self.machine, self.metrics)
+        # The data path, in order. The upstream client is the terminal.
+        stages: list[Stage] = []
+        self.pipeline = chain(stages, self.client.send)
+        self.in_flight = InFlight(self.metrics)
+        self.http = HttpFront(
+            cfg, self.client, self.pipeline, self.metrics, self.in_flight, on_upstream_down=self.monitor.poke
+        )
+        self.admin = AdminFront(self.machine, self.metrics, self.monitor)
+        self._runners: list[web.AppRunner] = []
+        self._monitor_task: asyncio.Task[None] | None = None
+
+    def __repr__(self) -> str:
+        return f"<Sidecar {self.machine.state} listen={self.cfg.listen} upstream={self.client.base}>"
+
+    async def start(self) -> None:
+        await self.client.start()
+        for app, address in ((self.admin.application(), self.cfg.admin), (self.http.application(), self.cfg.listen)):
+            runner = web.AppRunner(
+                app, handle_signals=False, access_log=None, shutdown_timeout=self.cfg.shutdown_grace
+            )
+            await runner.setup()
+            host, port = split_host_port(address)
+            await web.TCPSite(runner, host, port, reuse_address=True, backlog=1024).start()
+            self._runners.append(runner)
+        self._monitor_task = asyncio.create_task(self.monitor.run(), name="upstream-monitor")
+        log.info("listening: data %s, admin %s; upstream %s", self.cfg.listen, self.cfg.admin, self.client.base)
+
+    async def stop(self) -> None:
+        """Drain: refuse readiness, stop accepting, let in-flight calls finish, close."""
+        self.machine.to(State.DRAINING, "shutting down")
+        admin, *data = self._runners
+        for runner in data:
+            # aiohttp stops listening, then waits up to shutdown_grace for handlers.
+            await runner.cleanup()
+        if self._monitor_task is not None:
+            self._monitor_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._monitor_task
+        await self.monitor.stop()
+        await admin.cleanup()
+        await self.client.close()
+        log.info("stopped")
+
+
+async def serve(cfg: Config) -> int:
+    """Run until SIGTERM/SIGINT, then drain. Returns the process exit status."""
+    sidecar = Sidecar(cfg)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await sidecar.start()
+    await stop.wait()
+    log.info("signal received: draining (grace %.1f s, %d in flight)", cfg.shutdown_grace, sidecar.in_flight.count)
+    await sidecar.stop()
+    return 0

@@ -1,0 +1,105 @@
+"""Command line: ``sidecar run`` and friends."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from . import __version__
+from .config import Config, keys, load, read_yaml
+from .errors import ConfigError
+
+EXIT_CONFIG = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sidecar", description="Keeps Triton / TF Serving pods warm.")
+    p.add_argument("--version", action="version", version=f"sidecar {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="proxy the model server and keep it warm")
+    _config_flags(run)
+
+    show = sub.add_parser("config", help="print the effective configuration and exit")
+    _config_flags(show)
+    return p
+
+
+def _config_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help="YAML configuration file")
+    p.add_argument("--upstream", metavar="URL", help="model server HTTP URL (upstream.url)")
+    p.add_argument("--protocol", metavar="auto|triton|tfserving", help="upstream.protocol")
+    p.add_argument("--listen", metavar="HOST:PORT", help="HTTP data port")
+    p.add_argument("--admin", metavar="HOST:PORT", help="admin port")
+    p.add_argument(
+        "--set", metavar="KEY=VALUE", action="append", default=[],
+        help="any configuration key, e.g. --set upstream.timeout=5 (repeatable)",
+    )
+
+
+def _flag_values(ns: argparse.Namespace) -> dict[str, Any]:
+    values: dict[str, Any] = {
+        "upstream.url": ns.upstream,
+        "upstream.protocol": ns.protocol,
+        "listen": ns.listen,
+        "admin": ns.admin,
+    }
+    known = {k.path for k in keys()}
+    for item in ns.set:
+        key, sep, value = item.partition("=")
+        if not sep or key not in known:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE with KEY one of: {', '.join(sorted(known))}")
+        values[key] = value
+    return values
+
+
+def load_config(ns: argparse.Namespace) -> Config:
+    file_values = read_yaml(ns.config) if ns.config else None
+    return load(file_values, os.environ, _flag_values(ns))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ns = _parser().parse_args(argv)
+    try:
+        cfg = load_config(ns)
+    except ConfigError as e:
+        print(f"sidecar: {e.message}", file=sys.stderr)
+        return EXIT_CONFIG
+    logging.basicConfig(
+        level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    if ns.command == "config":
+        for info in keys():
+            print(f"{info.path} = {_lookup(cfg, info.path)!r}")
+        return 0
+    return _run(cfg)
+
+
+def _lookup(cfg: Config, path: str) -> Any:
+    obj: Any = cfg
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _run(cfg: Config) -> int:
+    from .app import serve
+
+    try:
+        import uvloop
+
+        return uvloop.run(serve(cfg))
+    except ImportError:  # uvloop is a dependency; this only guards odd platforms
+        return asyncio.run(serve(cfg))
+    except OSError as e:
+        print(f"sidecar: cannot start: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

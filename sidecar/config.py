@@ -1,0 +1,250 @@
+"""One typed configuration tree, read from YAML, then environment, then flags.
+
+Each leaf is a dataclass field whose metadata carries a help line and, where the
+type alone is not enough, a validator. Keys are dotted paths (``upstream.url``);
+the environment variable for a key is ``SIDECAR_`` + the path upper-cased with
+dots as underscores (``SIDECAR_UPSTREAM_URL``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+from urllib.parse import urlsplit
+
+from .errors import ConfigError
+
+ENV_PREFIX = "SIDECAR_"
+
+Validator = Callable[[Any], str | None]  # returns what is allowed, if the value is not
+
+
+def _positive(v: Any) -> str | None:
+    return None if v > 0 else "a number > 0"
+
+
+def _non_negative(v: Any) -> str | None:
+    return None if v >= 0 else "a number >= 0"
+
+
+def _one_of(*choices: str) -> Validator:
+    return lambda v: None if v in choices else "one of " + ", ".join(choices)
+
+
+def _host_port(v: Any) -> str | None:
+    try:
+        split_host_port(v)
+    except ValueError:
+        return "HOST:PORT with a port from 0 to 65535"
+    return None
+
+
+def _http_url(v: Any) -> str | None:
+    parts = urlsplit(v)
+    if parts.scheme in ("http", "https") and parts.hostname and not parts.query:
+        return None
+    return "an http:// or https:// URL with a host"
+
+
+def _key(help: str, check: Validator | None = None) -> dict[str, Any]:
+    return {"help": help, "check": check}
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    url: str = field(
+        default="http://127.0.0.1:8000",
+        metadata=_key("model server HTTP base URL (Triton :8000, TF Serving :8501)", _http_url),
+    )
+    protocol: str = field(
+        default="auto",
+        metadata=_key(
+            "triton, tfserving, or auto (detect by probing /v2/health/live)",
+            _one_of("auto", "triton", "tfserving"),
+        ),
+    )
+    connect_timeout: float = field(
+        default=2.0, metadata=_key("seconds to open a connection to the model server", _positive)
+    )
+    timeout: float = field(
+        default=60.0,
+        metadata=_key("seconds a whole upstream call may take before the caller gets 504", _positive),
+    )
+    pool_size: int = field(
+        default=256, metadata=_key("most concurrent connections to the model server", _positive)
+    )
+    health_interval: float = field(
+        default=1.0, metadata=_key("seconds between readiness probes of the model server", _positive)
+    )
+    models: tuple[str, ...] = field(
+        default=(),
+        metadata=_key("TF Serving models whose status decides readiness (comma-separated); "
+                      "Triton uses /v2/health/ready"),
+    )
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    max_body_bytes: int = field(
+        default=64 * 1024 * 1024,
+        metadata=_key("largest request body accepted; larger gets 413 (suffixes KiB, MiB, GiB)", _positive),
+    )
+
+
+@dataclass(frozen=True)
+class Config:
+    listen: str = field(default="0.0.0.0:9000", metadata=_key("HTTP data port (HOST:PORT)", _host_port))
+    admin: str = field(
+        default="0.0.0.0:9090", metadata=_key("admin port: probes, /metrics (HOST:PORT)", _host_port)
+    )
+    shutdown_grace: float = field(
+        default=30.0,
+        metadata=_key("seconds in-flight requests may finish after SIGTERM", _non_negative),
+    )
+    log_level: str = field(
+        default="info", metadata=_key("debug, info, warning or error", _one_of("debug", "info", "warning", "error"))
+    )
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+
+
+def split_host_port(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(value)
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    path: str
+    type: Any
+    default: Any
+    help: str
+    check: Validator | None
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.path.upper().replace(".", "_")
+
+
+def keys(cls: type = Config, prefix: str = "") -> Iterator[KeyInfo]:
+    """Every leaf key of the tree, in declaration order."""
+    hints = get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        path = prefix + f.name
+        typ = hints[f.name]
+        if dataclasses.is_dataclass(typ):
+            yield from keys(typ, path + ".")  # type: ignore[arg-type]
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        yield KeyInfo(path, typ, default, f.metadata.get("help", ""), f.metadata.get("check"))
+
+
+_SIZE = re.compile(r"^\s*(\d+)\s*(b|kib|mib|gib|kb|mb|gb)?\s*$", re.IGNORECASE)
+_UNITS = {"b": 1, "kb": 1000, "mb": 10**6, "gb": 10**9, "kib": 1024, "mib": 1024**2, "gib": 1024**3}
+
+
+def _coerce(info: KeyInfo, raw: Any) -> Any:
+    """Turn a YAML/env/flag value into the key's type, or say what is allowed."""
+    typ = info.type
+    if typ is bool:
+        if isinstance(raw, bool):
+            return raw
+        text = str(raw).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        raise _bad(info, raw, "true or false")
+    if typ is int:
+        if isinstance(raw, int) and not isinstance(raw, bool):
+            return raw
+        m = _SIZE.match(str(raw))
+        if not m:
+            raise _bad(info, raw, "a whole number (optionally with KiB, MiB, GiB)")
+        return int(m.group(1)) * _UNITS[(m.group(2) or "b").lower()]
+    if typ is float:
+        try:
+            if isinstance(raw, bool):
+                raise ValueError
+            return float(str(raw).rstrip("s")) if isinstance(raw, str) else float(raw)
+        except ValueError:
+            raise _bad(info, raw, "a number of seconds") from None
+    if typ == tuple[str, ...]:
+        items = raw if isinstance(raw, list | tuple) else str(raw).split(",")
+        return tuple(str(i).strip() for i in items if str(i).strip())
+    if not isinstance(raw, str | int | float) or isinstance(raw, bool):
+        raise _bad(info, raw, "a string")
+    return str(raw)
+
+
+def _bad(info: KeyInfo, raw: Any, allowed: str) -> ConfigError:
+    return ConfigError(f"config key {info.path}: invalid value {raw!r}; allowed: {allowed}")
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            yield from _flatten(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    import yaml  # only needed when a file is given
+
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except OSError as e:
+        raise ConfigError(f"config file {path}: cannot read ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path}: not valid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: top level must be a mapping of keys")
+    return dict(_flatten(data))
+
+
+def load(
+    file_values: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    flags: Mapping[str, Any] | None = None,
+) -> Config:
+    """Merge the three sources (later wins) into a validated :class:`Config`."""
+    known = {k.path: k for k in keys()}
+    merged: dict[str, Any] = {}
+    for path, raw in (file_values or {}).items():
+        if path not in known:
+            raise ConfigError(f"config key {path}: unknown key; allowed: {', '.join(known)}")
+        merged[path] = raw
+    environ = os.environ if env is None else env
+    for info in known.values():
+        if info.env in environ:
+            merged[info.path] = environ[info.env]
+    merged.update({k: v for k, v in (flags or {}).items() if v is not None})
+
+    values: dict[str, Any] = {}
+    for path, info in known.items():
+        value = _coerce(info, merged[path]) if path in merged else info.default
+        allowed = info.check(value) if info.check else None
+        if allowed:
+            raise _bad(info, merged.get(path, value), allowed)
+        values[path] = value
+    return _build(Config, values, "")
+
+
+def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
+    hints = get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        typ = hints[f.name]
+        if dataclasses.is_dataclass(typ):
+            kwargs[f.name] = _build(typ, values, f"{prefix}{f.name}.")  # type: ignore[arg-type]
+        else:
+            kwargs[f.name] = values[prefix + f.name]
+    return cls(**kwargs)

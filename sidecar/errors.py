@@ -1,0 +1,57 @@
+"""One exception hierarchy for the whole sidecar.
+
+Stages and codecs raise these; the fronts map them to an HTTP status or a gRPC
+code exactly once, at the edge, in the upstream's own error shape.
+"""
+
+from __future__ import annotations
+
+
+class SidecarError(Exception):
+    """Base class. ``http_status`` is what the HTTP front answers with."""
+
+    http_status = 500
+    grpc_code = "INTERNAL"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class DecodeError(SidecarError):
+    """The caller sent something a codec cannot read; the message names the field."""
+
+    http_status = 400
+    grpc_code = "INVALID_ARGUMENT"
+
+
+class PayloadTooLarge(SidecarError):
+    http_status = 413
+    grpc_code = "RESOURCE_EXHAUSTED"
+
+
+class UpstreamUnavailable(SidecarError):
+    """The model server refused or reset the connection."""
+
+    http_status = 502
+    grpc_code = "UNAVAILABLE"
+
+
+class UpstreamTimeout(SidecarError):
+    http_status = 504
+    grpc_code = "DEADLINE_EXCEEDED"
+
+
+class Overloaded(SidecarError):
+    """A bounded queue is full or the sidecar refuses work (draining, not warm)."""
+
+    http_status = 503
+    grpc_code = "UNAVAILABLE"
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class ConfigError(SidecarError):
+    """A configuration value is invalid; start-up stops with exit status 2."""

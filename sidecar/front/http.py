@@ -1,0 +1,215 @@
+"""The HTTP data port: speaks the model server's own REST protocol.
+
+Inference calls are decoded into the canonical request and run through the
+stage pipeline; everything else is passed through, streamed both ways. Errors
+from anywhere become ``{"error": "..."}`` here, and only here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+
+import orjson
+from aiohttp import web
+
+from ..config import Config
+from ..errors import DecodeError, PayloadTooLarge, SidecarError, UpstreamUnavailable
+from ..headers import REQUEST_ID, end_to_end
+from ..metrics import Metrics
+from ..pipeline.stage import Call, Next, Reply
+from ..pipeline.upstream import UpstreamClient
+from ..protocols import dispatch
+
+log = logging.getLogger("sidecar.http")
+
+BINARY_HEADER = "inference-header-content-length"
+STREAM_CHUNK = 256 * 1024
+
+
+class InFlight:
+    """Counts requests being handled, so SIGTERM can wait for them to finish."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.count = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._metrics = metrics
+
+    def __repr__(self) -> str:
+        return f"<InFlight {self.count}>"
+
+    def enter(self) -> None:
+        self.count += 1
+        self._idle.clear()
+        self._metrics.in_flight.inc()
+
+    def leave(self) -> None:
+        self.count -= 1
+        self._metrics.in_flight.dec()
+        if self.count == 0:
+            self._idle.set()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+
+def error_response(err: SidecarError, request_id: str = "") -> web.Response:
+    headers = {"Content-Type": "application/json"}
+    if request_id:
+        headers[REQUEST_ID] = request_id
+    retry_after = getattr(err, "retry_after", None)
+    if retry_after is not None:
+        headers["Retry-After"] = str(max(1, round(retry_after)))
+    return web.Response(status=err.http_status, body=orjson.dumps({"error": err.message}), headers=headers)
+
+
+class HttpFront:
+    def __init__(
+        self,
+        cfg: Config,
+        client: UpstreamClient,
+        pipeline: Next,
+        metrics: Metrics,
+        in_flight: InFlight,
+        on_upstream_down: Callable[[], None] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.client = client
+        self.pipeline = pipeline
+        self.metrics = metrics
+        self.in_flight = in_flight
+        self.on_upstream_down = on_upstream_down
+
+    def application(self) -> web.Application:
+        # The size limit is enforced by our own reads; aiohttp's must not cut in first.
+        app = web.Application(client_max_size=self.cfg.limits.max_body_bytes + 1)
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        return app
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        started = time.perf_counter()
+        request_id = request.headers.get(REQUEST_ID) or uuid.uuid4().hex
+        route = dispatch.match(request.path) if request.method == "POST" else None
+        label = route.method if route else dispatch.route_label(request.path)
+        model = route.model if route else ""
+        self.in_flight.enter()
+        status = 500
+        try:
+            if route is not None:
+                response: web.StreamResponse = await self._infer(request, route, request_id)
+            else:
+                response = await self._pass_through(request, request_id)
+            status = response.status
+            return response
+        except SidecarError as err:
+            if isinstance(err, UpstreamUnavailable) and self.on_upstream_down is not None:
+                self.on_upstream_down()
+            if isinstance(err, DecodeError):
+                self.metrics.decode_errors.labels(label).inc()
+            status = err.http_status
+            return error_response(err, request_id)
+        finally:
+            self.in_flight.leave()
+            self.metrics.observe_request(label, model, status, time.perf_counter() - started)
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        limit = self.cfg.limits.max_body_bytes
+        if request.content_length is not None and request.content_length > limit:
+            raise PayloadTooLarge(f"request body of {request.content_length} bytes exceeds the limit of {limit}")
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.content.iter_any():
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def _infer(self, request: web.Request, route: dispatch.InferenceRoute, request_id: str) -> web.Response:
+        body = await self._read_body(request)
+        header_length = _header_length(request.headers.get(BINARY_HEADER))
+        canonical = dispatch.decode(route, body, header_length)
+        headers = _forward_headers(request, request_id)
+        call = Call(
+            request=canonical,
+            path=request.path,
+            query=request.query_string,
+            headers=tuple(headers),
+            body=body,
+            request_id=request_id,
+            deadline=asyncio.get_running_loop().time() + self.cfg.upstream.timeout,
+            route=route.method,
+        )
+        reply = await self.pipeline(call)
+        return _to_response(reply, request_id)
+
+    async def _pass_through(self, request: web.Request, request_id: str) -> web.StreamResponse:
+        limit = self.cfg.limits.max_body_bytes
+        if request.content_length is not None and request.content_length > limit:
+            raise PayloadTooLarge(f"request body of {request.content_length} bytes exceeds the limit of {limit}")
+        body = _limited(request, limit) if request.body_exists else None
+        headers = _forward_headers(request, request_id)
+        if request.content_length is not None:
+            headers.append(("Content-Length", str(request.content_length)))
+        async with self.client.open_stream(request.method, request.path_qs, headers, body) as upstream:
+            response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+            for k, v in end_to_end(upstream.headers.items()):
+                response.headers.add(k, v)
+            response.headers[REQUEST_ID] = request_id
+            if upstream.content_length is not None:
+                response.content_length = upstream.content_length
+            await response.prepare(request)
+            try:
+                async for chunk in upstream.content.iter_chunked(STREAM_CHUNK):
+                    await response.write(chunk)
+            except SidecarError:
+                raise
+            except Exception as e:
+                # Headers are gone already: the only honest signal left is to cut the connection.
+                log.warning("upstream stream broke after headers (%s); closing client connection", type(e).__name__)
+                if request.transport is not None:
+                    request.transport.close()
+                return response
+            await response.write_eof()
+            return response
+
+
+async def _limited(request: web.Request, limit: int) -> AsyncIterator[bytes]:
+    size = 0
+    async for chunk in request.content.iter_chunked(STREAM_CHUNK):
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+        yield chunk
+
+
+def _header_length(value: str | None) -> int | None:
+    if value is None:
+        return None
+    if not value.strip().isdigit():
+        raise DecodeError(f"Inference-Header-Content-Length: expected a non-negative integer, got {value!r}")
+    return int(value)
+
+
+def _forward_headers(request: web.Request, request_id: str) -> list[tuple[str, str]]:
+    headers = [(k, v) for k, v in end_to_end(request.headers.items()) if k.lower() != REQUEST_ID]
+    headers.append((REQUEST_ID, request_id))
+    return headers
+
+
+def _to_response(reply: Reply, request_id: str) -> web.Response:
+    response = web.Response(status=reply.status, reason=reply.reason or None, body=reply.body)
+    # web.Response sets its own Content-Type; the upstream's must win unchanged.
+    response.headers.popall("Content-Type", None)
+    for k, v in reply.headers:
+        response.headers.add(k, v)
+    response.headers[REQUEST_ID] = request_id
+    return response

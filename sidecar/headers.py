@@ -1,0 +1,38 @@
+"""Header rules shared by the HTTP front and the upstream client."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+# RFC 9110 section 7.6.1 connection-specific headers, plus the framing headers
+# each hop recomputes for itself.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "content-length",
+        "host",
+    }
+)
+
+REQUEST_ID = "x-request-id"
+SIDECAR_PREFIX = "x-sidecar-"
+
+
+def end_to_end(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Drop hop-by-hop headers, including any the Connection header names."""
+    pairs = list(headers)
+    named = {
+        token.strip().lower()
+        for k, v in pairs
+        if k.lower() == "connection"
+        for token in v.split(",")
+    }
+    return [(k, v) for k, v in pairs if k.lower() not in HOP_BY_HOP and k.lower() not in named]

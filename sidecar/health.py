@@ -1,0 +1,147 @@
+"""Watches the model server and drives the state machine.
+
+The model server is another process, so its health can only be learnt by asking;
+the monitor asks every ``health_interval`` seconds, and at once when the data
+path has just seen the upstream fail (``poke``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+from collections.abc import Awaitable, Callable
+
+from .config import UpstreamConfig
+from .errors import SidecarError
+from .metrics import Metrics
+from .pipeline.upstream import UpstreamClient
+from .state import State, StateMachine
+
+log = logging.getLogger("sidecar.health")
+
+Warmer = Callable[[], Awaitable[None]]
+
+
+class Health(enum.Enum):
+    DOWN = "down"  # no answer at all
+    LIVE = "live"  # answers, models not ready
+    READY = "ready"
+
+
+class UpstreamMonitor:
+    def __init__(
+        self,
+        client: UpstreamClient,
+        cfg: UpstreamConfig,
+        machine: StateMachine,
+        metrics: Metrics,
+        warmer: Warmer | None = None,
+    ) -> None:
+        self.client = client
+        self.cfg = cfg
+        self.machine = machine
+        self.metrics = metrics
+        self.warmer = warmer
+        self.protocol = cfg.protocol if cfg.protocol != "auto" else ""
+        self.last = Health.DOWN
+        self._poke = asyncio.Event()
+        self._warming: asyncio.Task[None] | None = None
+
+    def __repr__(self) -> str:
+        return f"<UpstreamMonitor {self.client.base} protocol={self.protocol or '?'} last={self.last.value}>"
+
+    def poke(self) -> None:
+        """Ask for a check now (the data path just saw the upstream fail)."""
+        self._poke.set()
+
+    async def run(self) -> None:
+        while self.machine.state is not State.DRAINING:
+            health = await self.check()
+            self.apply(health)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._poke.wait(), self.cfg.health_interval)
+            self._poke.clear()
+
+    async def stop(self) -> None:
+        if self._warming is not None:
+            self._warming.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._warming
+
+    async def check(self) -> Health:
+        timeout = min(self.cfg.health_interval, self.cfg.connect_timeout, 2.0)
+        try:
+            if not self.protocol:
+                self.protocol = await self._detect(timeout)
+            if self.protocol == "triton":
+                return await self._check_triton(timeout)
+            return await self._check_tfserving(timeout)
+        except SidecarError:
+            return Health.DOWN
+
+    async def _detect(self, timeout: float) -> str:
+        status, _ = await self.client.probe("/v2/health/live", timeout)
+        protocol = "triton" if status == 200 else "tfserving"
+        log.info("upstream protocol detected: %s", protocol)
+        return protocol
+
+    async def _check_triton(self, timeout: float) -> Health:
+        status, _ = await self.client.probe("/v2/health/ready", timeout)
+        if status == 200:
+            return Health.READY
+        live, _ = await self.client.probe("/v2/health/live", timeout)
+        return Health.LIVE if live == 200 else Health.DOWN
+
+    async def _check_tfserving(self, timeout: float) -> Health:
+        if not self.cfg.models:
+            # TF Serving has no server-wide health path: any answer means it is up.
+            await self.client.probe("/v1/models/_sidecar_probe", timeout)
+            return Health.READY
+        for model in self.cfg.models:
+            status, body = await self.client.probe(f"/v1/models/{model}", timeout)
+            if status != 200 or not model_available(body):
+                return Health.LIVE
+        return Health.READY
+
+    def apply(self, health: Health) -> None:
+        self.last = health
+        self.metrics.upstream_ready.set(1 if health is Health.READY else 0)
+        m = self.machine
+        if health is Health.DOWN:
+            m.to(State.COLD if m.state in (State.WARMING, State.WARM, State.LOADING) else State.STARTING,
+                 "model server not answering")
+            self._cancel_warming()
+        elif health is Health.LIVE:
+            if m.state in (State.WARMING, State.WARM):
+                m.to(State.COLD, "model server lost readiness")
+                self._cancel_warming()
+            m.to(State.LOADING, "model server up, models loading")
+        elif m.state in (State.STARTING, State.LOADING, State.COLD):
+            if m.to(State.WARMING, "model server ready"):
+                self._warming = asyncio.create_task(self._warm())
+
+    def _cancel_warming(self) -> None:
+        if self._warming is not None and not self._warming.done():
+            self._warming.cancel()
+
+    async def _warm(self) -> None:
+        if self.warmer is not None:
+            await self.warmer()
+        self.machine.to(State.WARM, "warm-up complete")
+
+
+def model_available(body: object) -> bool:
+    """TF Serving's ``model_version_status`` (some version AVAILABLE), or KServe v1's ``ready``.
+
+    Any AVAILABLE version serves: during a version roll-over the old one reports END.
+    """
+    if not isinstance(body, dict):
+        return False
+    if "model_version_status" in body:
+        states = body["model_version_status"]
+        return isinstance(states, list) and any(
+            isinstance(s, dict) and s.get("state") == "AVAILABLE" for s in states
+        )
+    return body.get("ready") is True

@@ -1,0 +1,84 @@
+"""Prometheus metrics, held in one registry object (no module globals).
+
+Label children are cached so the hot path does a dict lookup, not a
+``labels()`` call with its lock and tuple building.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+# Sub-millisecond buckets matter: the sidecar's own overhead is measured in them.
+LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+)
+
+MAX_MODEL_LABELS = 200
+
+
+class Metrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "sidecar_requests", "Requests answered, by route, model and HTTP status",
+            ["route", "model", "status"], registry=r,
+        )
+        self.request_seconds = Histogram(
+            "sidecar_request_duration_seconds", "Whole call as the client sees it",
+            ["route", "model"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.upstream_seconds = Histogram(
+            "sidecar_upstream_duration_seconds", "The upstream call alone",
+            ["route", "model"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.in_flight = Gauge("sidecar_in_flight_requests", "Requests being handled now", registry=r)
+        self.upstream_errors = Counter(
+            "sidecar_upstream_errors", "Upstream failures by kind (unavailable, timeout)",
+            ["kind"], registry=r,
+        )
+        self.decode_errors = Counter(
+            "sidecar_decode_errors", "Inference calls rejected as malformed", ["route"], registry=r,
+        )
+        self.upstream_ready = Gauge(
+            "sidecar_upstream_ready", "1 when the model server reports itself ready", registry=r,
+        )
+        self._children: dict[tuple[object, ...], object] = {}
+        self._models: set[str] = set()
+
+    def model_label(self, model: str) -> str:
+        """Model names come from callers: cap how many label values they can mint."""
+        if model in self._models:
+            return model
+        if len(self._models) >= MAX_MODEL_LABELS:
+            return "_other"
+        self._models.add(model)
+        return model
+
+    def observe_request(self, route: str, model: str, status: int, seconds: float) -> None:
+        model = self.model_label(model)
+        key = ("req", route, model, status)
+        child = self._children.get(key)
+        if child is None:
+            child = (
+                self.requests.labels(route, model, str(status)),
+                self.request_seconds.labels(route, model),
+            )
+            self._children[key] = child
+        counter, hist = child  # type: ignore[misc]
+        counter.inc()
+        hist.observe(seconds)
+
+    def observe_upstream(self, route: str, model: str, seconds: float) -> None:
+        model = self.model_label(model)
+        key = ("up", route, model)
+        hist = self._children.get(key)
+        if hist is None:
+            hist = self._children[key] = self.upstream_seconds.labels(route, model)
+        hist.observe(seconds)  # type: ignore[attr-defined]
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
