@@ -133,17 +133,17 @@ class KeyInfo:
         return ENV_PREFIX + self.path.upper().replace(".", "_")
 
 
-def keys(cls: type = Config, prefix: str = "") -> Iterator[KeyInfo]:
-    """Every leaf key of the tree, in declaration order."""
-    hints = get_type_hints(cls)
-    for f in dataclasses.fields(cls):
+def keys(defaults: Any = None, prefix: str = "") -> Iterator[KeyInfo]:
+    """Every leaf key of the tree, in declaration order, with its default."""
+    node = Config() if defaults is None else defaults
+    hints = get_type_hints(type(node))
+    for f in dataclasses.fields(node):
         path = prefix + f.name
-        typ = hints[f.name]
-        if dataclasses.is_dataclass(typ):
-            yield from keys(typ, path + ".")  # type: ignore[arg-type]
+        value = getattr(node, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from keys(value, path + ".")
             continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        yield KeyInfo(path, typ, default, f.metadata.get("help", ""), f.metadata.get("check"))
+        yield KeyInfo(path, hints[f.name], value, f.metadata.get("help", ""), f.metadata.get("check"))
 
 
 _SIZE = re.compile(r"^\s*(\d+)\s*(b|kib|mib|gib|kb|mb|gb)?\s*$", re.IGNORECASE)
@@ -235,7 +235,8 @@ def load(
         if allowed:
             raise _bad(info, merged.get(path, value), allowed)
         values[path] = value
-    return _build(Config, values, "")
+    config: Config = _build(Config, values, "")
+    return config
 
 
 def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:

@@ -118,9 +118,8 @@ class UpstreamMonitor:
                 m.to(State.COLD, "model server lost readiness")
                 self._cancel_warming()
             m.to(State.LOADING, "model server up, models loading")
-        elif m.state in (State.STARTING, State.LOADING, State.COLD):
-            if m.to(State.WARMING, "model server ready"):
-                self._warming = asyncio.create_task(self._warm())
+        elif m.state in (State.STARTING, State.LOADING, State.COLD) and m.to(State.WARMING, "model server ready"):
+            self._warming = asyncio.create_task(self._warm())
 
     def _cancel_warming(self) -> None:
         if self._warming is not None and not self._warming.done():

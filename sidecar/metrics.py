@@ -6,6 +6,8 @@ Label children are cached so the hot path does a dict lookup, not a
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -46,7 +48,8 @@ class Metrics:
         self.upstream_ready = Gauge(
             "sidecar_upstream_ready", "1 when the model server reports itself ready", registry=r,
         )
-        self._children: dict[tuple[object, ...], object] = {}
+        self._request_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+        self._upstream_children: dict[tuple[str, str], Any] = {}
         self._models: set[str] = set()
 
     def model_label(self, model: str) -> str:
@@ -60,25 +63,25 @@ class Metrics:
 
     def observe_request(self, route: str, model: str, status: int, seconds: float) -> None:
         model = self.model_label(model)
-        key = ("req", route, model, status)
-        child = self._children.get(key)
+        key = (route, model, status)
+        child = self._request_children.get(key)
         if child is None:
             child = (
                 self.requests.labels(route, model, str(status)),
                 self.request_seconds.labels(route, model),
             )
-            self._children[key] = child
-        counter, hist = child  # type: ignore[misc]
+            self._request_children[key] = child
+        counter, hist = child
         counter.inc()
         hist.observe(seconds)
 
     def observe_upstream(self, route: str, model: str, seconds: float) -> None:
         model = self.model_label(model)
-        key = ("up", route, model)
-        hist = self._children.get(key)
+        key = (route, model)
+        hist = self._upstream_children.get(key)
         if hist is None:
-            hist = self._children[key] = self.upstream_seconds.labels(route, model)
-        hist.observe(seconds)  # type: ignore[attr-defined]
+            hist = self._upstream_children[key] = self.upstream_seconds.labels(route, model)
+        hist.observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -73,12 +73,11 @@ class UpstreamClient:
         # first use; one retry on a fresh connection hides that race from callers.
         for attempt in (0, 1):
             try:
-                async with _mapped_errors(self.metrics, self.cfg.timeout):
-                    async with self.session.post(
-                        url, data=call.body, headers=call.headers, timeout=self._timeout(call.deadline)
-                    ) as resp:
-                        body = await resp.read()
-                        reply = Reply(resp.status, end_to_end(resp.headers.items()), body, resp.reason or "")
+                async with _mapped_errors(self.metrics, self.cfg.timeout), self.session.post(
+                    url, data=call.body, headers=call.headers, timeout=self._timeout(call.deadline)
+                ) as resp:
+                    body = await resp.read()
+                    reply = Reply(resp.status, end_to_end(resp.headers.items()), body, resp.reason or "")
                 break
             except UpstreamUnavailable:
                 if attempt or not _stale_connection_likely(started):
@@ -95,19 +94,17 @@ class UpstreamClient:
         body: AsyncIterable[bytes] | bytes | None,
     ) -> AsyncIterator[aiohttp.ClientResponse]:
         """Raw pass-through: the caller streams the response body itself."""
-        async with _mapped_errors(self.metrics, self.cfg.timeout):
-            async with self.session.request(
-                method, self.base + path_qs, data=body, headers=headers, timeout=self._timeout(None),
-                allow_redirects=False,
-            ) as resp:
-                yield resp
+        async with _mapped_errors(self.metrics, self.cfg.timeout), self.session.request(
+            method, self.base + path_qs, data=body, headers=headers, timeout=self._timeout(None),
+            allow_redirects=False,
+        ) as resp:
+            yield resp
 
     async def probe(self, path: str, timeout: float) -> tuple[int, Any]:
         """GET a health/status path; (status, parsed JSON or None). Raises on no answer."""
         t = aiohttp.ClientTimeout(total=timeout)
-        async with _mapped_errors(None, timeout):
-            async with self.session.get(self.base + path, timeout=t) as resp:
-                body = await resp.read()
+        async with _mapped_errors(None, timeout), self.session.get(self.base + path, timeout=t) as resp:
+            body = await resp.read()
         try:
             import orjson
 

@@ -1,0 +1,88 @@
+"""Configuration: precedence, validation messages, exit status 2, README coverage."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sidecar.config import keys, load
+from sidecar.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_defaults() -> None:
+    cfg = load({}, {}, {})
+    assert cfg.upstream.url == "http://127.0.0.1:8000"
+    assert cfg.upstream.protocol == "auto"
+    assert cfg.limits.max_body_bytes == 64 * 1024 * 1024
+    assert cfg.listen == "0.0.0.0:9000"
+
+
+def test_flags_beat_env_beat_file() -> None:
+    file_values = {"upstream.timeout": 10, "listen": "127.0.0.1:1", "admin": "127.0.0.1:2"}
+    env = {"SIDECAR_UPSTREAM_TIMEOUT": "20", "SIDECAR_LISTEN": "127.0.0.1:3"}
+    cfg = load(file_values, env, {"listen": "127.0.0.1:4"})
+    assert cfg.upstream.timeout == 20.0
+    assert cfg.listen == "127.0.0.1:4"
+    assert cfg.admin == "127.0.0.1:2"
+
+
+def test_sizes_and_lists() -> None:
+    cfg = load({}, {"SIDECAR_LIMITS_MAX_BODY_BYTES": "2MiB", "SIDECAR_UPSTREAM_MODELS": "a, b"}, {})
+    assert cfg.limits.max_body_bytes == 2 * 1024 * 1024
+    assert cfg.upstream.models == ("a", "b")
+
+
+@pytest.mark.parametrize(
+    ("flags", "needle"),
+    [
+        ({"upstream.protocol": "grpc"}, "upstream.protocol"),
+        ({"upstream.url": "ftp://x"}, "upstream.url"),
+        ({"listen": "nohost"}, "listen"),
+        ({"upstream.timeout": "-1"}, "upstream.timeout"),
+        ({"upstream.pool_size": "many"}, "upstream.pool_size"),
+    ],
+)
+def test_bad_values_name_the_key(flags: dict[str, str], needle: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load({}, {}, flags)
+    assert needle in info.value.message
+    assert "allowed" in info.value.message
+
+
+def test_unknown_file_key() -> None:
+    with pytest.raises(ConfigError, match=r"upstream\.tmeout"):
+        load({"upstream.tmeout": 3}, {}, {})
+
+
+def test_cli_bad_value_exits_2_with_one_line() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "sidecar", "run", "--protocol", "grpc"], capture_output=True, text=True, timeout=30
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert "upstream.protocol" in lines[0] and "'grpc'" in lines[0] and "triton" in lines[0]
+
+
+def test_cli_yaml_file(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("upstream:\n  url: http://127.0.0.1:8501\n  protocol: tfserving\nlimits:\n  max_body_bytes: 1MiB\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "sidecar", "config", "--config", str(path), "--listen", "127.0.0.1:7"],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "upstream.protocol = 'tfserving'" in proc.stdout
+    assert "limits.max_body_bytes = 1048576" in proc.stdout
+    assert "listen = '127.0.0.1:7'" in proc.stdout
+
+
+def test_readme_documents_every_key() -> None:
+    readme = (ROOT / "README.md").read_text()
+    missing = [k.path for k in keys() if f"`{k.path}`" not in readme or k.env not in readme]
+    assert not missing, f"README lacks these configuration keys: {missing}"
