@@ -19,6 +19,8 @@ HOP_BY_HOP = frozenset(
         "upgrade",
         "content-length",
         "host",
+        # The sidecar's own server already answered any 100-continue; the upstream gets the whole body.
+        "expect",
     }
 )
 

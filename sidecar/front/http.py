@@ -8,9 +8,10 @@ from anywhere become ``{"error": "..."}`` here, and only here.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import os
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 
 import orjson
@@ -87,6 +88,12 @@ class HttpFront:
         self.metrics = metrics
         self.in_flight = in_flight
         self.on_upstream_down = on_upstream_down
+        # Request ids: a random per-process prefix and a counter; unique without a syscall per call.
+        self._id_prefix = os.urandom(8).hex()
+        self._id_counter = itertools.count()
+
+    def _new_id(self) -> str:
+        return f"{self._id_prefix}{next(self._id_counter):016x}"
 
     def application(self) -> web.Application:
         # The size limit is enforced by our own reads; aiohttp's must not cut in first.
@@ -96,7 +103,7 @@ class HttpFront:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
-        request_id = request.headers.get(REQUEST_ID) or uuid.uuid4().hex
+        request_id = request.headers.get(REQUEST_ID) or self._new_id()
         route = dispatch.match(request.path) if request.method == "POST" else None
         label = route.method if route else dispatch.route_label(request.path)
         model = route.model if route else ""
@@ -116,6 +123,11 @@ class HttpFront:
                 self.metrics.decode_errors.labels(label).inc()
             status = err.http_status
             return error_response(err, request_id)
+        except Exception:
+            # A bug here must still answer in the upstream's error shape; the log holds the
+            # traceback (never the payload).
+            log.exception("internal error handling %s %s", request.method, request.path)
+            return error_response(SidecarError("internal sidecar error"), request_id)
         finally:
             self.in_flight.leave()
             self.metrics.observe_request(label, model, status, time.perf_counter() - started)

@@ -19,6 +19,7 @@ from ..config import UpstreamConfig
 from ..errors import UpstreamTimeout, UpstreamUnavailable
 from ..headers import end_to_end
 from ..metrics import Metrics
+from .h1client import ConnectionFailed, H1Pool, H1Response
 from .stage import Call, Reply
 
 # Errors that mean "the model server did not answer", as opposed to a bug here.
@@ -31,10 +32,12 @@ class UpstreamClient:
         self.base = cfg.url.rstrip("/")
         self.metrics = metrics
         self._session: aiohttp.ClientSession | None = None
+        # The inference hot path uses the lean pool; pass-through and probes use aiohttp.
+        self.pool = H1Pool(self.base, cfg.pool_size, cfg.connect_timeout)
 
     def __repr__(self) -> str:
         conn = self._session.connector if self._session else None
-        return f"<UpstreamClient {self.base} pool={self.cfg.pool_size} connector={conn!r}>"
+        return f"<UpstreamClient {self.base} {self.pool!r} connector={conn!r}>"
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(
@@ -49,6 +52,7 @@ class UpstreamClient:
         )
 
     async def close(self) -> None:
+        self.pool.close()
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -66,24 +70,31 @@ class UpstreamClient:
         return aiohttp.ClientTimeout(total=total, connect=min(self.cfg.connect_timeout, total))
 
     async def send(self, call: Call) -> Reply:
-        """Pipeline terminal: POST the call's bytes, read the whole answer."""
-        url = self.base + call.path + (f"?{call.query}" if call.query else "")
+        """Pipeline terminal: POST the call's bytes on the lean keep-alive pool, read the whole answer."""
+        target = call.path + (f"?{call.query}" if call.query else "")
+        timeout = min(self.cfg.timeout, call.deadline - asyncio.get_running_loop().time())
         started = time.perf_counter()
-        # A pooled keep-alive connection the server closed while idle fails on
-        # first use; one retry on a fresh connection hides that race from callers.
-        for attempt in (0, 1):
-            try:
-                async with _mapped_errors(self.metrics, self.cfg.timeout), self.session.post(
-                    url, data=call.body, headers=call.headers, timeout=self._timeout(call.deadline)
-                ) as resp:
-                    body = await resp.read()
-                    reply = Reply(resp.status, end_to_end(resp.headers.items()), body, resp.reason or "")
-                break
-            except UpstreamUnavailable:
-                if attempt or not _stale_connection_likely(started):
-                    raise
+        try:
+            async with asyncio.timeout(max(timeout, 0.001)):
+                response = await self._post(target, list(call.headers), call.body)
+        except TimeoutError:
+            self.metrics.upstream_errors.labels("timeout").inc()
+            raise UpstreamTimeout(f"model server did not answer within {timeout:g} s") from None
+        except ConnectionFailed as e:
+            self.metrics.upstream_errors.labels("unavailable").inc()
+            raise UpstreamUnavailable(f"model server unavailable: {e}") from None
         self.metrics.observe_upstream(call.route, call.request.model, time.perf_counter() - started)
-        return reply
+        return Reply(response.status, end_to_end(response.headers), response.body)
+
+    async def _post(self, target: str, headers: list[tuple[str, str]], body: bytes) -> H1Response:
+        try:
+            return await self.pool.request("POST", target, headers, body)
+        except ConnectionFailed as e:
+            # A keep-alive connection the server closed while idle fails on first
+            # use, before any answer: one retry on a fresh connection hides that race.
+            if not e.reused or e.got_bytes:
+                raise
+            return await self.pool.request("POST", target, headers, body)
 
     @contextlib.asynccontextmanager
     async def open_stream(
@@ -111,12 +122,6 @@ class UpstreamClient:
             return resp.status, orjson.loads(body) if body else None
         except ValueError:
             return resp.status, None
-
-
-def _stale_connection_likely(started: float) -> bool:
-    # A refusal to connect arrives in well under a millisecond; a stale pooled
-    # connection is detected as fast. A failure after real work is not retried.
-    return time.perf_counter() - started < 0.05
 
 
 @contextlib.asynccontextmanager
