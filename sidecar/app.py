@@ -39,7 +39,7 @@ class Sidecar:
             cfg, self.client, self.pipeline, self.metrics, self.in_flight, on_upstream_down=self.monitor.poke
         )
         self.admin = AdminFront(self.machine, self.metrics, self.monitor)
-        self._runners: list[web.AppRunner] = []
+        self._runners: list[web.BaseRunner] = []
         self._monitor_task: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
@@ -47,10 +47,12 @@ class Sidecar:
 
     async def start(self) -> None:
         await self.client.start()
-        for app, address in ((self.admin.application(), self.cfg.admin), (self.http.application(), self.cfg.listen)):
-            runner = web.AppRunner(
-                app, handle_signals=False, access_log=None, shutdown_timeout=self.cfg.shutdown_grace
-            )
+        runners: list[tuple[web.BaseRunner, str]] = [
+            (web.AppRunner(self.admin.application(), handle_signals=False, access_log=None), self.cfg.admin),
+            (web.ServerRunner(self.http.server(), handle_signals=False, shutdown_timeout=self.cfg.shutdown_grace),
+             self.cfg.listen),
+        ]
+        for runner, address in runners:
             await runner.setup()
             host, port = split_host_port(address)
             await web.TCPSite(runner, host, port, reuse_address=True, backlog=1024).start()

@@ -95,13 +95,11 @@ class HttpFront:
     def _new_id(self) -> str:
         return f"{self._id_prefix}{next(self._id_counter):016x}"
 
-    def application(self) -> web.Application:
-        # The size limit is enforced by our own reads; aiohttp's must not cut in first.
-        app = web.Application(client_max_size=self.cfg.limits.max_body_bytes + 1)
-        app.router.add_route("*", "/{tail:.*}", self.handle)
-        return app
+    def server(self) -> web.Server:
+        """aiohttp's low-level server: one handler for every path, no router or middleware in the way."""
+        return web.Server(self.handle, access_log=None)
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         started = time.perf_counter()
         request_id = request.headers.get(REQUEST_ID) or self._new_id()
         route = dispatch.match(request.path) if request.method == "POST" else None
@@ -132,10 +130,15 @@ class HttpFront:
             self.in_flight.leave()
             self.metrics.observe_request(label, model, status, time.perf_counter() - started)
 
-    async def _read_body(self, request: web.Request) -> bytes:
+    async def _read_body(self, request: web.BaseRequest) -> bytes:
         limit = self.cfg.limits.max_body_bytes
         if request.content_length is not None and request.content_length > limit:
             raise PayloadTooLarge(f"request body of {request.content_length} bytes exceeds the limit of {limit}")
+        if request.content_length is not None:
+            try:
+                return await request.content.readexactly(request.content_length)
+            except asyncio.IncompleteReadError:
+                raise DecodeError("request body is shorter than its Content-Length") from None
         chunks: list[bytes] = []
         size = 0
         async for chunk in request.content.iter_any():
@@ -145,7 +148,7 @@ class HttpFront:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    async def _infer(self, request: web.Request, route: dispatch.InferenceRoute, request_id: str) -> web.Response:
+    async def _infer(self, request: web.BaseRequest, route: dispatch.InferenceRoute, request_id: str) -> web.Response:
         body = await self._read_body(request)
         header_length = _header_length(request.headers.get(BINARY_HEADER))
         canonical = dispatch.decode(route, body, header_length)
@@ -163,7 +166,7 @@ class HttpFront:
         reply = await self.pipeline(call)
         return _to_response(reply, request_id)
 
-    async def _pass_through(self, request: web.Request, request_id: str) -> web.StreamResponse:
+    async def _pass_through(self, request: web.BaseRequest, request_id: str) -> web.StreamResponse:
         limit = self.cfg.limits.max_body_bytes
         if request.content_length is not None and request.content_length > limit:
             raise PayloadTooLarge(f"request body of {request.content_length} bytes exceeds the limit of {limit}")
@@ -194,7 +197,7 @@ class HttpFront:
             return response
 
 
-async def _limited(request: web.Request, limit: int) -> AsyncIterator[bytes]:
+async def _limited(request: web.BaseRequest, limit: int) -> AsyncIterator[bytes]:
     size = 0
     async for chunk in request.content.iter_chunked(STREAM_CHUNK):
         size += len(chunk)
@@ -211,7 +214,7 @@ def _header_length(value: str | None) -> int | None:
     return int(value)
 
 
-def _forward_headers(request: web.Request, request_id: str) -> list[tuple[str, str]]:
+def _forward_headers(request: web.BaseRequest, request_id: str) -> list[tuple[str, str]]:
     headers = [(k, v) for k, v in end_to_end(request.headers.items()) if k.lower() != REQUEST_ID]
     headers.append((REQUEST_ID, request_id))
     return headers

@@ -1,0 +1,438 @@
+"""Triton / KServe v2 HTTP codec: JSON bodies and Triton's binary tensor extension.
+
+Pure functions between wire bytes and the canonical types of :mod:`request`.
+
+Wire facts relied on (Triton ``docs/protocol/extension_binary_data.md`` and ``http_server.cc``):
+
+- A body is a JSON header, optionally followed by raw tensors in the order of the inputs (or
+  outputs) whose ``parameters.binary_data_size`` says they travel there. The
+  ``Inference-Header-Content-Length`` HTTP header gives the JSON length.
+- Triton refuses FP16 and BF16 in JSON, its JSON writer cannot emit NaN or Infinity, and JSON
+  strings must be UTF-8. Tensors like these are therefore always encoded in the binary section,
+  whatever the caller asked for: that is the only lossless form Triton reads.
+- FP32 values are written in JSON as the exact double they widen to (Triton does the same), so a
+  JSON round trip is bit-exact.
+
+Decoding is stricter than Triton in one way: Triton silently truncates out-of-range JSON integers
+(300 for a UINT8), here that is a :class:`DecodeError`. Input-level parameters other than
+``binary_data_size`` are dropped (they describe the wire, e.g. KServe's ``content_type``);
+shared-memory inputs are refused because their data is not in the body.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import orjson
+
+from ..errors import DecodeError
+from .request import (
+    DATATYPE_SIZES,
+    InferenceRequest,
+    InferenceResponse,
+    Params,
+    Protocol,
+    RequestedOutput,
+    Tensor,
+    element_count,
+    freeze_params,
+    pack_bytes_elements,
+    thaw_params,
+    unpack_bytes_elements,
+)
+
+# Triton's own route regex (http_server.cc model_regex_): versions are digits only.
+INFER_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([0-9]+))?/infer")
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+
+_NUMERIC_DTYPES: dict[str, np.dtype[Any]] = {
+    "UINT8": np.dtype("<u1"),
+    "UINT16": np.dtype("<u2"),
+    "UINT32": np.dtype("<u4"),
+    "UINT64": np.dtype("<u8"),
+    "INT8": np.dtype("<i1"),
+    "INT16": np.dtype("<i2"),
+    "INT32": np.dtype("<i4"),
+    "INT64": np.dtype("<i8"),
+    "FP32": np.dtype("<f4"),
+    "FP64": np.dtype("<f8"),
+}
+_BINARY_ONLY = frozenset({"FP16", "BF16"})
+_MAX_DIM = 2**63  # Triton's shapes are int64
+
+
+def match_infer_path(path: str) -> tuple[str, str] | None:
+    """(model, version) for ``/v2/models/{m}[/versions/{v}]/infer``; version "" if absent."""
+    m = INFER_PATH.fullmatch(path)
+    if m is None:
+        return None
+    return m.group(1), m.group(2) or ""
+
+
+def infer_path(model: str, version: str) -> str:
+    """The path :func:`match_infer_path` parses back into (model, version)."""
+    if version:
+        return f"/v2/models/{model}/versions/{version}/infer"
+    return f"/v2/models/{model}/infer"
+
+
+def error_body(message: str) -> bytes:
+    """Triton's error shape: ``{"error": "..."}``."""
+    return orjson.dumps({"error": message})
+
+
+# ----------------------------------------------------------------------------------------------
+# decoding
+
+
+def decode_request(model: str, version: str, body: bytes, header_length: int | None) -> InferenceRequest:
+    """``header_length`` is the Inference-Header-Content-Length header (None: the body is all JSON).
+
+    Raises :class:`DecodeError` naming the offending field for any malformed input.
+    """
+    doc, section = _split_body(body, header_length)
+    inputs = _list_of_dicts(doc, "inputs", required=True)
+    tensors = tuple(_decode_tensor(obj, f"inputs[{i}]", section) for i, obj in enumerate(inputs))
+    section.finish()
+    outputs = tuple(
+        _decode_requested_output(obj, f"outputs[{i}]")
+        for i, obj in enumerate(_list_of_dicts(doc, "outputs", required=False))
+    )
+    return InferenceRequest(
+        protocol=Protocol.KSERVE_HTTP,
+        model=model,
+        version=version,
+        method="infer",
+        inputs=tensors,
+        outputs=outputs,
+        parameters=_params(doc),
+        id=_optional_str(doc, "id"),
+        wire=body,
+    )
+
+
+def decode_response(body: bytes, header_length: int | None) -> InferenceResponse:
+    """Raises :class:`DecodeError` for malformed input and for Triton's ``{"error": ...}`` bodies."""
+    doc, section = _split_body(body, header_length)
+    if "error" in doc and "outputs" not in doc:
+        raise DecodeError(f"error: the server answered with an error: {doc['error']!r}")
+    outputs = _list_of_dicts(doc, "outputs", required=False)
+    tensors = tuple(_decode_tensor(obj, f"outputs[{i}]", section) for i, obj in enumerate(outputs))
+    section.finish()
+    return InferenceResponse(
+        protocol=Protocol.KSERVE_HTTP,
+        model=_optional_str(doc, "model_name"),
+        version=_optional_str(doc, "model_version"),
+        outputs=tensors,
+        parameters=_params(doc),
+        id=_optional_str(doc, "id"),
+        wire=body,
+    )
+
+
+class _BinarySection:
+    """The raw tensors after the JSON header, consumed in order."""
+
+    def __init__(self, raw: memoryview, has_header: bool) -> None:
+        self._raw = raw
+        self._pos = 0
+        self._has_header = has_header
+
+    def take(self, size: int, field: str) -> bytes:
+        end = self._pos + size
+        if end > len(self._raw):
+            why = "" if self._has_header else f" (no {HEADER_LENGTH}, so the body has no binary section)"
+            raise DecodeError(
+                f"{field}: {size} bytes run past the end of the binary section "
+                f"({len(self._raw) - self._pos} left){why}"
+            )
+        chunk = bytes(self._raw[self._pos : end])
+        self._pos = end
+        return chunk
+
+    def finish(self) -> None:
+        if self._pos != len(self._raw):
+            raise DecodeError(
+                f"{HEADER_LENGTH}: {len(self._raw) - self._pos} bytes after the JSON header "
+                "are not claimed by any binary_data_size"
+            )
+
+
+def _split_body(body: bytes, header_length: int | None) -> tuple[dict[str, Any], _BinarySection]:
+    view = memoryview(body)
+    if header_length is None:
+        json_part, rest = view, view[len(view) :]
+    else:
+        if type(header_length) is not int or not 0 <= header_length <= len(body):
+            raise DecodeError(
+                f"{HEADER_LENGTH}: {header_length!r} is not a length within the {len(body)}-byte body"
+            )
+        json_part, rest = view[:header_length], view[header_length:]
+    try:
+        doc = orjson.loads(json_part)
+    except orjson.JSONDecodeError as exc:
+        raise DecodeError(f"body: not valid JSON ({exc})") from None
+    if not isinstance(doc, dict):
+        raise DecodeError("body: expected a JSON object")
+    return doc, _BinarySection(rest, header_length is not None)
+
+
+def _decode_tensor(obj: dict[str, Any], field: str, section: _BinarySection) -> Tensor:
+    name = _required_str(obj, "name", field)
+    datatype = obj.get("datatype")
+    if not isinstance(datatype, str) or datatype not in DATATYPE_SIZES:
+        raise DecodeError(f"{field}.datatype: expected one of {', '.join(DATATYPE_SIZES)}, got {datatype!r}")
+    shape = _shape(obj.get("shape"), f"{field}.shape")
+    params = obj.get("parameters", {})
+    if not isinstance(params, dict):
+        raise DecodeError(f"{field}.parameters: expected an object")
+    if "shared_memory_region" in params:
+        raise DecodeError(f"{field}.parameters.shared_memory_region: shared-memory tensors are not supported")
+    has_data, has_binary = "data" in obj, "binary_data_size" in params
+    if has_data == has_binary:
+        raise DecodeError(f"{field}: expected exactly one of 'data' or 'parameters.binary_data_size'")
+    count = element_count(shape)
+    if has_binary:
+        size_field = f"{field}.parameters.binary_data_size"
+        size = params["binary_data_size"]
+        if type(size) is not int or size < 0:
+            raise DecodeError(f"{size_field}: expected a non-negative integer, got {size!r}")
+        data = _check_binary(section.take(size, size_field), datatype, count, size_field)
+    else:
+        data = _json_data_to_bytes(obj["data"], datatype, count, f"{field}.data")
+    return Tensor(name=name, datatype=datatype, shape=shape, data=data)
+
+
+def _decode_requested_output(obj: dict[str, Any], field: str) -> RequestedOutput:
+    name = _required_str(obj, "name", field)
+    params = obj.get("parameters", {})
+    if not isinstance(params, dict):
+        raise DecodeError(f"{field}.parameters: expected an object")
+    params = dict(params)
+    binary = params.pop("binary_data", None)
+    if binary is not None and type(binary) is not bool:
+        raise DecodeError(f"{field}.parameters.binary_data: expected a boolean, got {binary!r}")
+    return RequestedOutput(name=name, binary=binary, parameters=freeze_params(params))
+
+
+def _check_binary(raw: bytes, datatype: str, count: int, field: str) -> bytes:
+    size = DATATYPE_SIZES[datatype]
+    if size is None:
+        try:
+            n = len(unpack_bytes_elements(raw))
+        except ValueError as exc:
+            raise DecodeError(f"{field}: malformed BYTES data ({exc})") from None
+        if n != count:
+            raise DecodeError(f"{field}: holds {n} BYTES elements but the shape needs {count}")
+    elif len(raw) != count * size:
+        raise DecodeError(f"{field}: {len(raw)} bytes, but the shape needs {count * size} for {datatype}")
+    return raw
+
+
+def _json_data_to_bytes(data: Any, datatype: str, count: int, field: str) -> bytes:
+    if datatype in _BINARY_ONLY:
+        # Triton answers the same: there is no JSON form for 16-bit floats.
+        raise DecodeError(f"{field}: {datatype} data cannot be sent as JSON, use binary_data_size")
+    if not isinstance(data, list):
+        raise DecodeError(f"{field}: expected a list")
+    kinds = set(map(type, data))
+    flat = data
+    if list in kinds:
+        flat = _flatten(data)
+        kinds = set(map(type, flat))
+    if len(flat) != count:
+        raise DecodeError(f"{field}: holds {len(flat)} elements but the shape needs {count}")
+    if datatype == "BYTES":
+        _expect_kinds(kinds, {str}, field, "strings")
+        return pack_bytes_elements([s.encode() for s in flat])
+    if datatype == "BOOL":
+        _expect_kinds(kinds, {bool}, field, "booleans")
+        return bytes(flat)
+    dtype = _NUMERIC_DTYPES[datatype]
+    if dtype.kind == "f":
+        _expect_kinds(kinds, {int, float}, field, "numbers")
+        return _floats_to_bytes(flat, dtype, field)
+    _expect_kinds(kinds, {int}, field, "integers")
+    return _ints_to_bytes(flat, dtype, datatype, field)
+
+
+def _ints_to_bytes(flat: list[int], dtype: np.dtype[Any], datatype: str, field: str) -> bytes:
+    info = np.iinfo(dtype)
+    try:
+        wide = np.array(flat, dtype=np.uint64 if datatype == "UINT64" else np.int64)
+    except OverflowError:
+        wide = None
+    if wide is None or (wide.size and (wide.min() < info.min or wide.max() > info.max)):
+        raise DecodeError(f"{field}: values must lie in [{info.min}, {info.max}] for {datatype}")
+    return wide.astype(dtype).tobytes()
+
+
+def _floats_to_bytes(flat: list[Any], dtype: np.dtype[Any], field: str) -> bytes:
+    wide = np.array(flat, dtype=np.float64)
+    if dtype.itemsize == 8:
+        return wide.tobytes()
+    with np.errstate(over="ignore"):
+        narrow = wide.astype(dtype)
+    if not np.isfinite(narrow).all():
+        raise DecodeError(f"{field}: values beyond the FP32 range")
+    return narrow.tobytes()
+
+
+def _expect_kinds(kinds: set[type], allowed: set[type], field: str, what: str) -> None:
+    if not kinds <= allowed:
+        bad = ", ".join(sorted(k.__name__ for k in kinds - allowed))
+        raise DecodeError(f"{field}: expected {what}, got {bad}")
+
+
+def _flatten(data: list[Any]) -> list[Any]:
+    """Row-major leaves of arbitrarily nested lists; iterative, as JSON nests up to 1024 deep."""
+    out: list[Any] = []
+    stack: list[Iterator[Any]] = [iter(data)]
+    while stack:
+        for x in stack[-1]:
+            if type(x) is list:
+                stack.append(iter(x))
+                break
+            out.append(x)
+        else:
+            stack.pop()
+    return out
+
+
+def _shape(value: Any, field: str) -> tuple[int, ...]:
+    if not isinstance(value, list) or not all(type(d) is int and 0 <= d < _MAX_DIM for d in value):
+        raise DecodeError(f"{field}: expected a list of non-negative integers")
+    return tuple(value)
+
+
+def _list_of_dicts(doc: dict[str, Any], key: str, *, required: bool) -> list[dict[str, Any]]:
+    if key not in doc:
+        if required:
+            raise DecodeError(f"{key}: missing")
+        return []
+    value = doc[key]
+    if not isinstance(value, list):
+        raise DecodeError(f"{key}: expected a list")
+    for i, item in enumerate(value):
+        if not isinstance(item, dict):
+            raise DecodeError(f"{key}[{i}]: expected an object")
+    return value
+
+
+def _params(doc: dict[str, Any]) -> Params:
+    value = doc.get("parameters", {})
+    if not isinstance(value, dict):
+        raise DecodeError("parameters: expected an object")
+    return freeze_params(value)
+
+
+def _required_str(obj: dict[str, Any], key: str, field: str) -> str:
+    value = obj.get(key)
+    if not isinstance(value, str):
+        raise DecodeError(f"{field}.{key}: expected a string")
+    return value
+
+
+def _optional_str(obj: dict[str, Any], key: str) -> str:
+    value = obj.get(key, "")
+    if not isinstance(value, str):
+        raise DecodeError(f"{key}: expected a string")
+    return value
+
+
+# ----------------------------------------------------------------------------------------------
+# encoding
+
+
+def encode_request(req: InferenceRequest, binary_inputs: bool) -> tuple[bytes, int | None]:
+    """(body, header length or None when nothing travels in the binary section)."""
+    header: dict[str, Any] = {}
+    if req.id:
+        header["id"] = req.id
+    if req.parameters:
+        header["parameters"] = thaw_params(req.parameters)
+    header["inputs"], chunks = _encode_tensors(req.inputs, lambda _: binary_inputs)
+    if req.outputs:
+        header["outputs"] = [_encode_requested_output(o) for o in req.outputs]
+    return _assemble(header, chunks)
+
+
+def encode_response(resp: InferenceResponse, binary_outputs: frozenset[str]) -> tuple[bytes, int | None]:
+    """Outputs named in ``binary_outputs`` (and those JSON cannot carry) go in the binary section."""
+    header: dict[str, Any] = {"model_name": resp.model, "model_version": resp.version}
+    if resp.id:
+        header["id"] = resp.id
+    if resp.parameters:
+        header["parameters"] = thaw_params(resp.parameters)
+    header["outputs"], chunks = _encode_tensors(resp.outputs, lambda t: t.name in binary_outputs)
+    return _assemble(header, chunks)
+
+
+def _encode_requested_output(out: RequestedOutput) -> dict[str, Any]:
+    obj: dict[str, Any] = {"name": out.name}
+    params = thaw_params(out.parameters)
+    if out.binary is not None:
+        params["binary_data"] = out.binary
+    if params:
+        obj["parameters"] = params
+    return obj
+
+
+def _encode_tensors(
+    tensors: Sequence[Tensor], wants_binary: Callable[[Tensor], bool]
+) -> tuple[list[dict[str, Any]], list[bytes] | None]:
+    objs: list[dict[str, Any]] = []
+    chunks: list[bytes] | None = None
+    for t in tensors:
+        obj: dict[str, Any] = {"name": t.name, "datatype": t.datatype, "shape": list(t.shape)}
+        data = None if wants_binary(t) else _json_data(t)
+        if data is None:
+            _check_canonical(t)
+            obj["parameters"] = {"binary_data_size": len(t.data)}
+            chunks = [] if chunks is None else chunks
+            chunks.append(t.data)
+        else:
+            obj["data"] = data
+        objs.append(obj)
+    return objs, chunks
+
+
+def _json_data(t: Tensor) -> npt.NDArray[Any] | list[str] | None:
+    """The flat JSON ``data`` for a tensor, or None when only the binary form is lossless."""
+    if t.datatype in _BINARY_ONLY:
+        return None
+    _check_canonical(t)
+    if t.datatype == "BYTES":
+        try:
+            return [b.decode() for b in unpack_bytes_elements(t.data)]
+        except UnicodeDecodeError:
+            return None
+    if t.datatype == "BOOL":
+        flags: npt.NDArray[np.bool_] = np.frombuffer(t.data, dtype=np.uint8) != 0
+        return flags
+    arr = np.frombuffer(t.data, dtype=_NUMERIC_DTYPES[t.datatype])
+    if arr.dtype.kind == "f":
+        if not np.isfinite(arr).all():
+            return None
+        return arr.astype(np.float64)
+    return arr
+
+
+def _check_canonical(t: Tensor) -> None:
+    if t.datatype not in DATATYPE_SIZES:
+        raise ValueError(f"tensor {t.name!r}: unknown datatype {t.datatype!r}")
+    size = DATATYPE_SIZES[t.datatype]
+    if size is not None and len(t.data) != element_count(t.shape) * size:
+        raise ValueError(f"tensor {t.name!r}: {len(t.data)} bytes do not fit shape {t.shape} of {t.datatype}")
+
+
+def _assemble(header: dict[str, Any], chunks: list[bytes] | None) -> tuple[bytes, int | None]:
+    head = orjson.dumps(header, option=orjson.OPT_SERIALIZE_NUMPY)
+    if chunks is None:
+        return head, None
+    return b"".join([head, *chunks]), len(head)

@@ -1,0 +1,640 @@
+"""TF Serving REST codec: the documented examples (g3doc/api_rest.md), round trips, typing rules, fuzz."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import math
+from typing import Any
+
+import numpy as np
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from sidecar.errors import DecodeError
+from sidecar.protocols import tfserving_rest as codec
+from sidecar.protocols.request import (
+    InferenceRequest,
+    InferenceResponse,
+    Protocol,
+    Tensor,
+    element_count,
+    freeze_params,
+    pack_bytes_elements,
+    thaw_params,
+    unpack_bytes_elements,
+)
+from tests.strategies import json_values, mutated, names, tensor_data
+
+SLOW_OK = settings(suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large], deadline=None)
+
+
+def _f64(*values: float) -> bytes:
+    return np.array(values, dtype="<f8").tobytes()
+
+
+def _i64(*values: int) -> bytes:
+    return np.array(values, dtype="<i8").tobytes()
+
+
+def _strings(*values: str | bytes) -> bytes:
+    return pack_bytes_elements([v.encode() if isinstance(v, str) else v for v in values])
+
+
+def _predict(body: bytes | str, label: str = "") -> InferenceRequest:
+    raw = body.encode() if isinstance(body, str) else body
+    return codec.decode_request("m", "", label, "predict", raw)
+
+
+def _params(req: InferenceRequest | InferenceResponse) -> dict[str, Any]:
+    return thaw_params(req.parameters)
+
+
+# ----------------------------------------------------------------------------------------------
+# paths
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        ("/v1/models/half:predict", ("half", "", "", "predict")),
+        ("/v1/models/half/versions/123:classify", ("half", "123", "", "classify")),
+        ("/v1/models/half/labels/stable:regress", ("half", "", "stable", "regress")),
+        ("/v1/models/half:PREDICT", ("half", "", "", "predict")),  # TF Serving's regex is (?i)
+        ("/v1/models/half/versions/x:predict", None),
+        ("/v1/models/half/labels/a/b:predict", None),
+        ("/v1/models/half:explain", None),
+        ("/v1/models/half", None),
+        ("/v1/models/half/metadata", None),
+        ("/v1/models/:predict", None),
+        ("/v1/models/a:b:predict", None),
+        ("/v2/models/half/infer", None),
+    ],
+)
+def test_match_infer_path(path: str, expected: tuple[str, str, str, str] | None) -> None:
+    assert codec.match_infer_path(path) == expected
+
+
+@given(
+    st.text(alphabet=st.characters(blacklist_characters="/:"), min_size=1),
+    st.sampled_from(["", "7"]),
+    st.text(alphabet=st.characters(blacklist_characters="/:"), max_size=5),
+    st.sampled_from(codec.METHODS),
+)
+def test_infer_path_round_trips(model: str, version: str, label: str, method: str) -> None:
+    label = "" if version else label
+    params = {codec.LABEL_PARAM: label} if label else {}
+    req = InferenceRequest(Protocol.TFSERVING_REST, model, version, method, parameters=freeze_params(params))
+    assert codec.match_infer_path(codec.infer_path(req)) == (model, version, label, method)
+
+
+def test_error_body() -> None:
+    assert orjson.loads(codec.error_body("Servable not found")) == {"error": "Servable not found"}
+
+
+# ----------------------------------------------------------------------------------------------
+# the documented examples
+
+
+def test_doc_row_format_scalars() -> None:
+    req = _predict('{"instances": [ "foo", "bar", "baz" ]}')
+    assert req.inputs == (Tensor("", "BYTES", (3,), _strings("foo", "bar", "baz")),)
+    assert _params(req) == {"format": "row"}
+    assert req.protocol is Protocol.TFSERVING_REST and req.method == "predict"
+
+
+def test_doc_row_format_nested_lists() -> None:
+    req = _predict('{"instances": [ [[1, 2]], [[3, 4]] ]}')
+    assert req.inputs == (Tensor("", "INT64", (2, 1, 2), _i64(1, 2, 3, 4)),)
+
+
+DOC_ROWS = """{
+ "instances": [
+   {"tag": "foo", "signal": [1, 2, 3, 4, 5], "sensor": [[1, 2], [3, 4]]},
+   {"tag": "bar", "signal": [3, 4, 1, 2, 5], "sensor": [[4, 5], [6, 8]]}
+ ]
+}"""
+DOC_COLUMNS = """{
+ "inputs": {
+   "tag": ["foo", "bar"],
+   "signal": [[1, 2, 3, 4, 5], [3, 4, 1, 2, 5]],
+   "sensor": [[[1, 2], [3, 4]], [[4, 5], [6, 8]]]
+ }
+}"""
+DOC_TENSORS = (
+    Tensor("tag", "BYTES", (2,), _strings("foo", "bar")),
+    Tensor("signal", "INT64", (2, 5), _i64(1, 2, 3, 4, 5, 3, 4, 1, 2, 5)),
+    Tensor("sensor", "INT64", (2, 2, 2), _i64(1, 2, 3, 4, 4, 5, 6, 8)),
+)
+
+
+def test_doc_row_and_columnar_forms_carry_the_same_tensors() -> None:
+    rows, columns = _predict(DOC_ROWS), _predict(DOC_COLUMNS)
+    assert rows.inputs == columns.inputs == DOC_TENSORS
+    assert _params(rows) == {"format": "row"} and _params(columns) == {"format": "columnar"}
+    assert codec.row_format(rows) and not codec.row_format(columns)
+    assert orjson.loads(codec.encode_request(rows)) == orjson.loads(DOC_ROWS)
+    assert orjson.loads(codec.encode_request(columns)) == orjson.loads(DOC_COLUMNS)
+
+
+def test_doc_classify_request_with_binary_feature() -> None:
+    body = """{
+      "signature_name": "classify_objects",
+      "examples": [
+        {"image": { "b64": "aW1hZ2UgYnl0ZXM=" }, "caption": "seaside"},
+        {"image": { "b64": "YXdlc29tZSBpbWFnZSBieXRlcw==" }, "caption": "mountains"}
+      ]
+    }"""
+    req = codec.decode_request("m", "", "", "classify", body.encode())
+    assert req.method == "classify"
+    assert _params(req) == {"signature_name": "classify_objects"}
+    (examples,) = req.inputs
+    assert examples.name == "examples" and examples.datatype == "BYTES" and examples.shape == (2,)
+    assert [orjson.loads(e) for e in unpack_bytes_elements(examples.data)] == orjson.loads(body)["examples"]
+    # Canonical: sorted keys, so key order on the wire does not change identity.
+    assert (
+        unpack_bytes_elements(examples.data)[0] == b'{"caption":"seaside","image":{"b64":"aW1hZ2UgYnl0ZXM="}}'
+    )
+    assert orjson.loads(codec.encode_request(req)) == orjson.loads(body)
+
+
+def test_doc_half_plus_three_predict() -> None:
+    req = _predict('{"instances": [1.0,2.0,5.0]}')
+    assert req.inputs == (Tensor("", "FP64", (3,), _f64(1.0, 2.0, 5.0)),)
+    resp = codec.decode_response("predict", b'{\n    "predictions": [3.5, 4.0, 5.5]\n}', row_format=True)
+    assert resp.outputs == (Tensor("", "FP64", (3,), _f64(3.5, 4.0, 5.5)),)
+    assert orjson.loads(codec.encode_response(resp, "predict", True)) == {"predictions": [3.5, 4.0, 5.5]}
+
+
+def test_doc_half_plus_three_regress() -> None:
+    body = b'{"signature_name": "tensorflow/serving/regress", "examples": [{"x": 1.0}, {"x": 2.0}]}'
+    req = codec.decode_request("half_plus_three", "", "", "regress", body)
+    assert _params(req) == {"signature_name": "tensorflow/serving/regress"}
+    assert req.inputs == (Tensor("examples", "BYTES", (2,), _strings('{"x":1.0}', '{"x":2.0}')),)
+    resp = codec.decode_response("regress", b'{\n    "results": [3.5, 4.0]\n}', row_format=False)
+    assert resp.outputs == (Tensor("outputs", "FP64", (2,), _f64(3.5, 4.0)),)
+    assert codec.encode_response(resp, "regress", False) == b'{"results":[3.5,4.0]}'
+
+
+def test_doc_classify_response() -> None:
+    # The doc's format section says "result"; the server writes "results". Both are read.
+    for key in ("result", "results"):
+        body = orjson.dumps({key: [[["cat", 0.75], ["", 0.25]], [["dog", 1.0], ["cat", 0]]]})
+        resp = codec.decode_response("classify", body, row_format=True)
+        assert resp.outputs == (
+            Tensor("classes", "BYTES", (2, 2), _strings("cat", "", "dog", "cat")),
+            Tensor("scores", "FP64", (2, 2), _f64(0.75, 0.25, 1.0, 0.0)),
+        )
+    assert orjson.loads(codec.encode_response(resp, "classify", True)) == {
+        "results": [[["cat", 0.75], ["", 0.25]], [["dog", 1.0], ["cat", 0.0]]]
+    }
+
+
+def test_doc_json_conformance_nan_and_infinity() -> None:
+    req = _predict('{"instances": [{"sensor_readings": [ 1.0, -3.14, NaN, Infinity, -Infinity ]}]}')
+    (t,) = req.inputs
+    values = np.frombuffer(t.data, dtype="<f8")
+    assert t.name == "sensor_readings" and t.shape == (1, 5)
+    assert (
+        values[:2].tolist() == [1.0, -3.14]
+        and math.isnan(values[2])
+        and values[3:].tolist()
+        == [
+            math.inf,
+            -math.inf,
+        ]
+    )
+    assert b"NaN" in codec.encode_request(req) and b"-Infinity" in codec.encode_request(req)
+    assert _predict(codec.encode_request(req)) == req
+
+
+def test_doc_error_response() -> None:
+    with pytest.raises(DecodeError, match=r"^error: .*Servable not found"):
+        codec.decode_response("predict", b'{ "error": "Servable not found for request: Latest(half)" }', True)
+
+
+# ----------------------------------------------------------------------------------------------
+# typing and shape rules
+
+
+@pytest.mark.parametrize(
+    ("inputs", "datatype", "shape", "data"),
+    [
+        ("[1, 2]", "INT64", (2,), _i64(1, 2)),
+        ("[1, 2.5]", "FP64", (2,), _f64(1, 2.5)),
+        ("[1.0, 2.0]", "FP64", (2,), _f64(1, 2)),
+        ("[true, false]", "BOOL", (2,), b"\x01\x00"),
+        ('["a", {"b64": "/w=="}]', "BYTES", (2,), _strings("a", b"\xff")),
+        ('{"b64": "/w"}', "BYTES", (), _strings(b"\xff")),  # unpadded base64, as absl accepts
+        ("7", "INT64", (), _i64(7)),
+        ("[[], []]", "FP64", (2, 0), b""),
+        ("[]", "FP64", (0,), b""),
+        ("[18446744073709551615, 1]", "UINT64", (2,), np.array([2**64 - 1, 1], "<u8").tobytes()),
+        ("[-9223372036854775808]", "INT64", (1,), _i64(-(2**63))),
+        ("[18446744073709551616]", "FP64", (1,), _f64(2.0**64)),  # beyond 64 bits JSON gives a double
+    ],
+)
+def test_type_inference(inputs: str, datatype: str, shape: tuple[int, ...], data: bytes) -> None:
+    (t,) = _predict(f'{{"inputs": {inputs}}}').inputs
+    assert (t.name, t.datatype, t.shape, t.data) == ("", datatype, shape, data)
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ('{"inputs": [1, true]}', r"^inputs\[1\]: a boolean among number values"),
+        ('{"inputs": [[1, "a"]]}', r"^inputs\[0\]\[1\]: a string among number values"),
+        ('{"inputs": [1, null]}', r"^inputs\[1\]: expected a number, string, boolean .*got null"),
+        ('{"inputs": {"x": [[1], [{"a": 1}]]}}', r"^inputs\.x\[1\]\[0\]: expected a number.*got an object"),
+        ('{"inputs": [[1, 2], [3]]}', r"^inputs\[1\]: has 1 elements, its siblings 2"),
+        ('{"inputs": [[1], 2]}', r"^inputs\[1\]: expected a list like its siblings"),
+        ('{"inputs": [1, [2]]}', r"^inputs\[1\]: expected a value like its siblings, got a list"),
+        ('{"inputs": [-1, 18446744073709551615]}', r"^inputs: integers span more than"),
+        ('{"inputs": {"x_bytes": [{"b64": "!!"}]}}', r"^inputs\.x_bytes\[0\]\.b64: not valid base64"),
+        ('{"instances": [{"a": [1, 2]}, {"a": [1]}]}', r"^instances\[1\]\.a: has 1 elements, its siblings 2"),
+        ('{"instances": [{"a": 1}, {"a": true}]}', r"^instances\[1\]\.a: a boolean among number values"),
+        ('{"instances": [{"a": 1}, {"b": 1}]}', r"^instances\[1\]: has keys \['b'\], but instances\[0\] has"),
+        ('{"instances": [{"a": 1}, 2]}', r"^instances\[1\]: expected an object of named inputs"),
+        ('{"instances": [1, {"a": 2}]}', r"^instances\[1\]: an object of named inputs among bare values"),
+        ('{"instances": [{}]}', r"^instances\[0\]: expected at least one named input"),
+        ('{"instances": []}', r"^instances: expected a non-empty list"),
+        ('{"instances": {"a": 1}}', r"^instances: expected a non-empty list"),
+        ('{"instances": [1], "inputs": [1]}', r"^body: expected only one of"),
+        ('{"signature_name": "x"}', r"^body: missing 'instances' or 'inputs'"),
+        ('{"signature_name": 1, "inputs": 1}', r"^signature_name: expected a string"),
+        ("[1]", r"^body: expected a JSON object"),
+        ("{", r"^body: not valid JSON"),
+        ('{"inputs": [NaN], "x": "\\ud800"}', r"^body: not valid JSON"),
+        ('{"inputs": [Nan]}', r"^body: not valid JSON"),
+    ],
+)
+def test_malformed_predict_requests_name_the_field(body: str, message: str) -> None:
+    with pytest.raises(DecodeError, match=message):
+        _predict(body)
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ("{}", r"^examples: expected a non-empty list"),
+        ('{"examples": []}', r"^examples: expected a non-empty list"),
+        ('{"examples": [1]}', r"^examples\[0\]: expected an object of features"),
+        ('{"examples": [{"x": null}]}', r"^examples\[0\]\.x: expected a number"),
+        ('{"examples": [{"x": [[1]]}]}', r"^examples\[0\]\.x\[0\]: expected a number.*got a list"),
+        ('{"examples": [{"x": [1, 2.5]}]}', r"^examples\[0\]\.x\[1\]: a float value in a int64 feature"),
+        ('{"examples": [{"x": ["a", 1]}]}', r"^examples\[0\]\.x\[1\]: a int64 value in a bytes feature"),
+        ('{"examples": [{"x": 18446744073709551615}]}', r"^examples\[0\]\.x: integer beyond INT64"),
+        ('{"examples": [{"x": 1e39}]}', r"^examples\[0\]\.x: beyond the float range"),
+        ('{"examples": [{"x": {"b64": "%%"}}]}', r"^examples\[0\]\.x\.b64: not valid base64"),
+        ('{"context": [], "examples": [{"x": 1}]}', r"^context: expected an object of features"),
+        ('{"context": {"x": 1}, "examples": [{"x": 1}]}', r"^examples\[0\]\.x: also in context"),
+    ],
+)
+def test_malformed_classify_requests_name_the_field(body: str, message: str) -> None:
+    for method in ("classify", "regress"):
+        with pytest.raises(DecodeError, match=message):
+            codec.decode_request("m", "", "", method, body.encode())
+
+
+def test_unknown_method() -> None:
+    with pytest.raises(DecodeError, match=r"^method"):
+        codec.decode_request("m", "", "", "explain", b'{"inputs": 1}')
+    with pytest.raises(DecodeError, match=r"^method"):
+        codec.decode_response("explain", b'{"outputs": 1}', False)
+
+
+@pytest.mark.parametrize(
+    ("method", "row_format", "body", "message"),
+    [
+        ("predict", True, '{"outputs": [1]}', r"^predictions: missing"),
+        ("predict", False, '{"predictions": [1]}', r"^outputs: missing"),
+        ("predict", True, '{"predictions": [[1], [1, 2]]}', r"^predictions\[1\]: has 2 elements"),
+        (
+            "classify",
+            True,
+            '{"results": [[["a", 1]], [["a", 1], ["b", 2]]]}',
+            r"^results\[1\]: has 2 classes",
+        ),
+        ("classify", True, '{"results": [[["a"]]]}', r"^results\[0\]\[0\]: expected a \[label, score\] pair"),
+        ("classify", True, '{"results": [[[1, 0.5]]]}', r"^results\[0\]\[0\]\[0\]: expected a string"),
+        ("classify", True, '{"results": [[["a", "b"]]]}', r"^results\[0\]\[0\]\[0\]: expected a number"),
+        ("classify", True, '{"results": {}}', r"^results: expected a list"),
+        ("regress", True, '{"results": [1, true]}', r"^results\[1\]: expected a number"),
+        ("regress", True, '{"error": "boom"}', r"^error: .*boom"),
+    ],
+)
+def test_malformed_responses_name_the_field(method: str, row_format: bool, body: str, message: str) -> None:
+    with pytest.raises(DecodeError, match=message):
+        codec.decode_response(method, body.encode(), row_format)
+
+
+def test_label_and_signature_are_parameters() -> None:
+    req = codec.decode_request(
+        "m", "", "canary", "predict", b'{"signature_name": "serving_default", "inputs": [1]}'
+    )
+    assert _params(req) == {"format": "columnar", "signature_name": "serving_default", "label": "canary"}
+    assert codec.infer_path(req) == "/v1/models/m/labels/canary:predict"
+    assert orjson.loads(codec.encode_request(req)) == {"signature_name": "serving_default", "inputs": [1]}
+
+
+def test_context_is_a_parameter_and_survives() -> None:
+    body = b'{"context": {"lang": "en", "w": [NaN, 1.5]}, "examples": [{"x": [1, 2]}, {"x": 3}]}'
+    req = codec.decode_request("m", "", "", "classify", body)
+    assert _params(req) == {"context": '{"lang":"en","w":[NaN,1.5]}'}
+    again = codec.decode_request("m", "", "", "classify", codec.encode_request(req))
+    assert again == req
+
+
+def test_bytes_encoding_rules() -> None:
+    req = InferenceRequest(
+        Protocol.TFSERVING_REST,
+        "m",
+        method="predict",
+        inputs=(
+            Tensor("text", "BYTES", (2,), _strings("héllo", "")),
+            Tensor(
+                "image_bytes", "BYTES", (1,), _strings("abc")
+            ),  # *_bytes: always b64, as TF Serving writes
+            Tensor("raw", "BYTES", (2,), _strings("ok", b"\xff\x00")),  # not UTF-8: b64
+        ),
+    )
+    assert orjson.loads(codec.encode_request(req)) == {
+        "inputs": {
+            "text": ["héllo", ""],
+            "image_bytes": [{"b64": "YWJj"}],
+            "raw": [{"b64": "b2s="}, {"b64": "/wA="}],
+        }
+    }
+    assert _predict(codec.encode_request(req)).inputs == req.inputs
+
+
+@pytest.mark.parametrize(
+    ("datatype", "data", "decoded"),
+    [
+        (
+            "FP32",
+            np.array([0.1, -2.5], "<f4").tobytes(),
+            Tensor("x", "FP64", (2,), _f64(np.float32(0.1), -2.5)),
+        ),
+        ("FP16", np.array([0.1, 1], "<f2").tobytes(), Tensor("x", "FP64", (2,), _f64(np.float16(0.1), 1.0))),
+        ("BF16", b"\xcd\x3d\x80\x3f", Tensor("x", "FP64", (2,), _f64(0.10009765625, 1.0))),
+        ("INT32", np.array([-3, 4], "<i4").tobytes(), Tensor("x", "INT64", (2,), _i64(-3, 4))),
+        ("UINT8", b"\x00\xff", Tensor("x", "INT64", (2,), _i64(0, 255))),
+    ],
+)
+def test_other_datatypes_encode_as_json_numbers(datatype: str, data: bytes, decoded: Tensor) -> None:
+    req = InferenceRequest(
+        Protocol.TFSERVING_REST, "m", method="predict", inputs=(Tensor("x", datatype, (2,), data),)
+    )
+    assert _predict(codec.encode_request(req)).inputs == (decoded,)
+
+
+def test_requests_without_format_encode_columnar() -> None:
+    req = InferenceRequest(
+        Protocol.TFSERVING_REST, "m", method="predict", inputs=(Tensor("a", "INT64", (), _i64(1)),)
+    )
+    assert codec.encode_request(req) == b'{"inputs":{"a":1}}'
+    assert not codec.row_format(req)
+
+
+def test_row_format_needs_one_batch_size() -> None:
+    params = freeze_params({"format": "row"})
+    a, b = Tensor("a", "INT64", (1,), _i64(1)), Tensor("b", "INT64", (2,), _i64(1, 2))
+    with pytest.raises(ValueError, match="batch size"):
+        codec.encode_request(
+            InferenceRequest(Protocol.TFSERVING_REST, "m", method="predict", inputs=(a, b), parameters=params)
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# round trips
+
+_NAMES = names(8).filter(lambda n: n != "b64")  # a lone "b64" key reads as base64 in TF Serving too
+
+
+@st.composite
+def tf_shapes(draw: st.DrawFn, batch: int | None) -> tuple[int, ...]:
+    """Shapes JSON nesting can express: a zero dimension only last (it hides those after it)."""
+    inner = draw(st.lists(st.integers(1, 3), max_size=3))
+    dims = ([batch] if batch is not None else []) + inner
+    if dims and (batch is None or len(dims) > 1) and draw(st.integers(0, 4)) == 0:
+        dims[-1] = 0
+    return tuple(dims)
+
+
+@st.composite
+def tf_tensors(draw: st.DrawFn, name: str, batch: int | None) -> Tensor:
+    """Tensors of the types TF Serving JSON decodes to: INT64, FP64 (NaN/Inf too), BOOL, BYTES."""
+    shape = draw(tf_shapes(batch))
+    count = element_count(shape)
+    datatype = "FP64" if count == 0 else draw(st.sampled_from(["INT64", "FP64", "BOOL", "BYTES"]))
+    if datatype == "FP64":
+        values = draw(hnp.arrays(np.dtype("<f8"), count, elements=st.floats(width=64)))
+        values[np.isnan(values)] = np.nan  # JSON has one NaN
+        data = values.tobytes()
+    else:
+        data = draw(tensor_data(datatype, shape))
+    return Tensor(name, datatype, shape, data)
+
+
+@st.composite
+def tf_tensor_sets(draw: st.DrawFn, row: bool) -> tuple[Tensor, ...]:
+    count = draw(st.integers(1 if row else 0, 3))
+    tensor_names = draw(st.lists(_NAMES, min_size=count, max_size=count, unique=True))
+    if count == 1 and draw(st.booleans()):
+        tensor_names = [""]
+    batch = draw(st.integers(1, 3)) if row else None
+    return tuple(draw(tf_tensors(n, batch)) for n in tensor_names)
+
+
+@st.composite
+def tf_predict_requests(draw: st.DrawFn) -> InferenceRequest:
+    row = draw(st.booleans())
+    params: dict[str, Any] = {"format": "row" if row else "columnar"}
+    if draw(st.booleans()):
+        params["signature_name"] = draw(names(8))
+    version = draw(st.sampled_from(["", "3"]))
+    if not version and draw(st.booleans()):
+        params["label"] = draw(names(6).filter(bool))
+    return InferenceRequest(
+        Protocol.TFSERVING_REST,
+        draw(names(8)),
+        version,
+        "predict",
+        inputs=draw(tf_tensor_sets(row)),
+        parameters=freeze_params(params),
+    )
+
+
+def _decode_tf(req: InferenceRequest, body: bytes) -> InferenceRequest:
+    label = _params(req).get("label", "")
+    return codec.decode_request(req.model, req.version, label, req.method, body)
+
+
+@SLOW_OK
+@given(tf_predict_requests())
+def test_predict_request_round_trip(req: InferenceRequest) -> None:
+    body = codec.encode_request(req)
+    got = _decode_tf(req, body)
+    assert got == req
+    assert got.wire == body
+
+
+@SLOW_OK
+@given(st.booleans(), st.data())
+def test_predict_response_round_trip(row: bool, data: st.DataObject) -> None:
+    resp = InferenceResponse(Protocol.TFSERVING_REST, "", outputs=data.draw(tf_tensor_sets(row)))
+    body = codec.encode_response(resp, "predict", row)
+    assert codec.decode_response("predict", body, row) == resp
+
+
+@st.composite
+def classify_responses(draw: st.DrawFn) -> InferenceResponse:
+    n, k = draw(st.integers(1, 4)), draw(st.integers(0, 3))
+    labels = draw(st.lists(st.binary(max_size=6) | names(6).map(str.encode), min_size=n * k, max_size=n * k))
+    scores = draw(hnp.arrays(np.dtype("<f8"), n * k, elements=st.floats(width=64)))
+    scores[np.isnan(scores)] = np.nan
+    return InferenceResponse(
+        Protocol.TFSERVING_REST,
+        "",
+        outputs=(
+            Tensor("classes", "BYTES", (n, k), pack_bytes_elements(labels)),
+            Tensor("scores", "FP64", (n, k), scores.tobytes()),
+        ),
+    )
+
+
+@SLOW_OK
+@given(classify_responses())
+def test_classify_response_round_trip(resp: InferenceResponse) -> None:
+    assert codec.decode_response("classify", codec.encode_response(resp, "classify", True), True) == resp
+
+
+@SLOW_OK
+@given(hnp.arrays(np.dtype("<f8"), st.integers(0, 6), elements=st.floats(width=64)))
+def test_regress_response_round_trip(values: np.ndarray[Any, Any]) -> None:
+    values[np.isnan(values)] = np.nan
+    resp = InferenceResponse(
+        Protocol.TFSERVING_REST, "", outputs=(Tensor("outputs", "FP64", (len(values),), values.tobytes()),)
+    )
+    assert codec.decode_response("regress", codec.encode_response(resp, "regress", False), False) == resp
+
+
+def _feature_values() -> st.SearchStrategy[Any]:
+    int64 = st.integers(-(2**63), 2**63 - 1) | st.booleans()
+    floats = st.floats(width=32)
+    text = names(6)
+    b64 = st.binary(max_size=6).map(lambda b: {"b64": base64.b64encode(b).decode()})
+    return st.one_of(
+        *(s | st.lists(s, max_size=3) for s in (int64, floats, text | b64)),
+    )
+
+
+@st.composite
+def classify_bodies(draw: st.DrawFn) -> dict[str, Any]:
+    doc: dict[str, Any] = {}
+    if draw(st.booleans()):
+        doc["signature_name"] = draw(names(8))
+    context_keys: set[str] = set()
+    if draw(st.booleans()):
+        doc["context"] = draw(st.dictionaries(names(5), _feature_values(), max_size=3))
+        context_keys = set(doc["context"])
+    feature_names = names(5).filter(lambda k: k not in context_keys)
+    doc["examples"] = draw(
+        st.lists(st.dictionaries(feature_names, _feature_values(), max_size=3), min_size=1, max_size=4)
+    )
+    return doc
+
+
+@SLOW_OK
+@given(classify_bodies(), st.sampled_from(["classify", "regress"]), st.sampled_from(["", "stable"]))
+def test_classify_regress_request_round_trip(doc: dict[str, Any], method: str, label: str) -> None:
+    # json.dumps: the TF dialect, NaN/Infinity tokens included.
+    body = json.dumps(doc, allow_nan=True).encode()
+    req = codec.decode_request("m", "", label, method, body)
+    assert req.method == method
+    assert codec.decode_request("m", "", label, method, codec.encode_request(req)) == req
+    params = _params(req)
+    assert params.get("signature_name") == doc.get("signature_name")
+    assert ("context" in params) == ("context" in doc)
+    (examples,) = req.inputs
+    assert examples.shape == (len(doc["examples"]),)
+    parsed = [json.loads(e) for e in unpack_bytes_elements(examples.data)]
+    assert json.dumps(parsed, sort_keys=True) == json.dumps(doc["examples"], sort_keys=True)
+
+
+def test_example_key_order_does_not_change_identity() -> None:
+    a = codec.decode_request("m", "", "", "classify", b'{"examples": [{"a": 1, "b": "x"}]}')
+    b = codec.decode_request("m", "", "", "classify", b'{"examples": [{"b": "x", "a": 1}]}')
+    assert a == b
+
+
+# ----------------------------------------------------------------------------------------------
+# fuzz: only DecodeError, whatever arrives
+
+
+def _only_decode_errors(body: bytes) -> None:
+    for method in codec.METHODS:
+        with contextlib.suppress(DecodeError):
+            codec.decode_request("m", "", "", method, body)
+        for row_format in (True, False):
+            with contextlib.suppress(DecodeError):
+                codec.decode_response(method, body, row_format)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200))
+def test_fuzz_random_bytes(body: bytes) -> None:
+    _only_decode_errors(body)
+
+
+@settings(max_examples=300, deadline=None)
+@given(json_values())
+def test_fuzz_random_json(doc: Any) -> None:
+    _only_decode_errors(orjson.dumps(doc))
+
+
+_TOP_KEYS = [
+    "instances",
+    "inputs",
+    "predictions",
+    "outputs",
+    "results",
+    "examples",
+    "context",
+    "signature_name",
+]
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.dictionaries(st.sampled_from(_TOP_KEYS), json_values(16), max_size=3), st.booleans())
+def test_fuzz_plausible_documents(doc: dict[str, Any], nan_dialect: bool) -> None:
+    """Documents with the right keys and arbitrary values reach deep into every decoder."""
+    body = json.dumps(doc).encode()
+    if nan_dialect:
+        body = body.replace(b"null", b"NaN", 1)
+    _only_decode_errors(body)
+
+
+@st.composite
+def _valid_bodies(draw: st.DrawFn) -> bytes:
+    choice = draw(st.integers(0, 3))
+    if choice == 0:
+        return codec.encode_request(draw(tf_predict_requests()))
+    if choice == 1:
+        return json.dumps(draw(classify_bodies()), allow_nan=True).encode()
+    if choice == 2:
+        row = draw(st.booleans())
+        resp = InferenceResponse(Protocol.TFSERVING_REST, "", outputs=draw(tf_tensor_sets(row)))
+        return codec.encode_response(resp, "predict", row)
+    return codec.encode_response(draw(classify_responses()), "classify", True)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_valid_bodies().flatmap(lambda body: mutated(json.loads(body))))
+def test_fuzz_mutated_valid_documents(doc: Any) -> None:
+    _only_decode_errors(json.dumps(doc, allow_nan=True).encode())
