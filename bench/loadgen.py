@@ -45,7 +45,8 @@ def run_wrk(url: str, body: bytes, connections: int = 16, seconds: float = 10, t
             f'local f = io.open("{body_file}", "rb"); wrk.body = f:read("*a"); f:close()\n'
         )
         out = subprocess.run(
-            ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(script), url],
+            ["wrk", f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency",
+             "-s", str(script), url],
             capture_output=True, text=True, check=True,
         ).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]

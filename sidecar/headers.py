@@ -30,11 +30,14 @@ SIDECAR_PREFIX = "x-sidecar-"
 
 def end_to_end(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
     """Drop hop-by-hop headers, including any the Connection header names."""
-    pairs = list(headers)
-    named = {
-        token.strip().lower()
-        for k, v in pairs
-        if k.lower() == "connection"
-        for token in v.split(",")
-    }
-    return [(k, v) for k, v in pairs if k.lower() not in HOP_BY_HOP and k.lower() not in named]
+    kept: list[tuple[str, str]] = []
+    named: set[str] = set()
+    for k, v in headers:
+        lower = k.lower()
+        if lower == "connection":
+            named.update(token.strip().lower() for token in v.split(","))
+        elif lower not in HOP_BY_HOP:
+            kept.append((k, v))
+    if named:
+        kept = [(k, v) for k, v in kept if k.lower() not in named]
+    return kept

@@ -748,3 +748,35 @@ def _only_decode_errors(body: bytes, header_length: int | None) -> None:
         codec.decode_request("m", "", body, header_length)
     with contextlib.suppress(DecodeError):
         codec.decode_response(body, header_length)
+
+
+
+_NUMERIC = ["UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP32", "FP64"]
+
+
+def _decoded_data(datatype: str, items: list[Any]) -> bytes | None:
+    body = orjson.dumps({"inputs": [{"name": "x", "shape": [len(items)], "datatype": datatype, "data": items}]})
+    try:
+        return codec.decode_request("m", "", body, None).inputs[0].data
+    except DecodeError:
+        return None
+
+
+@given(
+    datatype=st.sampled_from(_NUMERIC),
+    values=st.lists(st.one_of(st.integers(-(2**63), 2**64 - 1), st.floats(allow_nan=False, allow_infinity=False)),
+                    min_size=1, max_size=64),
+)
+def test_small_tensor_fast_path_agrees_with_numpy_path(datatype: str, values: list[Any]) -> None:
+    """Tensors of <= 64 elements are packed with struct; padding to 65 forces the numpy path."""
+    if datatype.startswith("FP"):
+        values = [float(v) for v in values]
+    else:  # JSON (orjson) carries integers in [-2**63, 2**64)
+        values = [int(v) for v in values if -(2**63) <= int(v) < 2**64]
+        assume(values)
+    padded = values + values[-1:] * (65 - len(values))
+    small, large = _decoded_data(datatype, values), _decoded_data(datatype, padded)
+    # Same verdict from both paths; when both accept, the same bytes for the shared prefix.
+    assert (small is None) == (large is None)
+    if small is not None and large is not None:
+        assert large.startswith(small)
