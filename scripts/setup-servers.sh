@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Prepare the real model servers the tests start (see DESIGN.md, "Real parts"):
 #   .venv-triton  nvidia-pytriton (server binary only, --no-deps) + numpy for the python-backend stub
+#                 + torch (CPU build) for tests/models_torch (torch.compile, the genuinely cold model)
 #   .venv-kserve  kserve (KServe ModelServer, whose v1 protocol is TF Serving's REST row format)
 # Idempotent: a stamp file per venv records what was installed; a re-run with nothing changed is instant.
 # Debian packages (redis-server, haproxy, nginx, libpython3.11, ...) are installed by the Makefile.
@@ -12,6 +13,9 @@ TRITON_VENV="${SIDECAR_TRITON_VENV:-$ROOT/.venv-triton}"
 KSERVE_VENV="${SIDECAR_KSERVE_VENV:-$ROOT/.venv-kserve}"
 PYTRITON_SPEC="${PYTRITON_SPEC:-nvidia-pytriton==0.7.0}"
 NUMPY_SPEC="${NUMPY_SPEC:-numpy<2}"
+# This machine kind keeps a CPU build of torch 2.13.0 on disk, which pip prefers for this pin
+# (~25 s). Anywhere else the PyPI wheel for Linux pulls several GB of CUDA packages, which check_torch_cpu rejects.
+TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
 KSERVE_SPEC="${KSERVE_SPEC:-kserve==0.21.0}"
 STAMP_NAME=".sidecar-setup-stamp"
 
@@ -72,7 +76,7 @@ install_python_backend_stub() {
 
 setup_triton() {
     local stamp
-    stamp="$(stamp_text "$PYTRITON_SPEC" "$NUMPY_SPEC")"
+    stamp="$(stamp_text "$PYTRITON_SPEC" "$NUMPY_SPEC" "$TORCH_SPEC")"
     if is_current "$TRITON_VENV" "$stamp"; then
         return 0
     fi
@@ -81,8 +85,19 @@ setup_triton() {
     make_venv "$TRITON_VENV"
     pip_install "$TRITON_VENV" --no-deps "$PYTRITON_SPEC"
     pip_install "$TRITON_VENV" "$NUMPY_SPEC"
+    pip_install "$TRITON_VENV" "$TORCH_SPEC"
+    check_torch_cpu
     install_python_backend_stub
     printf '%s\n' "$stamp" >"$TRITON_VENV/$STAMP_NAME"
+}
+
+# The models only need torch on the CPU; a CUDA build (with its nvidia-* wheels) means the local CPU
+# wheel was not found, and would cost gigabytes of disk for nothing.
+check_torch_cpu() {
+    local cuda
+    cuda="$("$TRITON_VENV/bin/python" -c 'import torch; print(torch.version.cuda or "")')" \
+        || die "torch does not import in $TRITON_VENV"
+    [[ -z "$cuda" ]] || die "$TORCH_SPEC installed a CUDA build (CUDA $cuda); a CPU build is needed (set TORCH_SPEC=...)"
 }
 
 setup_kserve() {
