@@ -17,30 +17,53 @@ from .front.admin import AdminFront
 from .front.http import HttpFront, InFlight
 from .health import UpstreamMonitor
 from .metrics import Metrics
+from .pipeline.gate import Gate
+from .pipeline.recorder import Recorder
 from .pipeline.stage import Stage, chain
 from .pipeline.upstream import UpstreamClient
 from .state import State, StateMachine
+from .warmup.store import StoreLimits, open_store
+from .warmup.warmer import Warmer
 
 log = logging.getLogger("sidecar")
+
+
+def store_limits(cfg: Config) -> StoreLimits:
+    r = cfg.record
+    return StoreLimits(
+        capacity=max(4 * r.top_n, 64), max_payload_bytes=r.max_payload_bytes, max_total_bytes=r.max_total_bytes,
+        payload_ttl=r.payload_ttl, half_life=r.half_life,
+    )
 
 
 class Sidecar:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.metrics = Metrics()
-        self.machine = StateMachine()
+        self.machine = StateMachine(on_change=self._state_changed)
+        self._state_changed(self.machine.state)
         self.client = UpstreamClient(cfg.upstream, self.metrics)
-        self.monitor = UpstreamMonitor(self.client, cfg.upstream, self.machine, self.metrics)
+        self.store = open_store(cfg.store, store_limits(cfg))
+        self.recorder = Recorder(cfg.record, self.store, self.metrics, store_limits(cfg).capacity)
+        self.warmer = Warmer(cfg, self.store, self.client, self.machine, self.metrics)
+        self.monitor = UpstreamMonitor(self.client, cfg.upstream, self.machine, self.metrics, self.warmer)
         # The data path, in order. The upstream client is the terminal.
-        stages: list[Stage] = []
+        stages: list[Stage] = [Gate(cfg.gate, self.machine, self.metrics)]
+        if cfg.record.enabled:
+            stages.append(self.recorder)
         self.pipeline = chain(stages, self.client.send)
         self.in_flight = InFlight(self.metrics)
         self.http = HttpFront(
-            cfg, self.client, self.pipeline, self.metrics, self.in_flight, on_upstream_down=self.monitor.poke
+            cfg, self.client, self.pipeline, self.metrics, self.in_flight, self.machine,
+            on_upstream_down=self.monitor.poke
         )
-        self.admin = AdminFront(self.machine, self.metrics, self.monitor)
+        self.admin = AdminFront(self.machine, self.metrics, self.monitor, self.warmer)
         self._runners: list[web.BaseRunner] = []
-        self._monitor_task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def _state_changed(self, state: State) -> None:
+        self.metrics.set_state(state.value, [x.value for x in State])
+        self.metrics.warmup_progress.set(self.machine.progress)
 
     def __repr__(self) -> str:
         return f"<Sidecar {self.machine.state} listen={self.cfg.listen} upstream={self.client.base}>"
@@ -57,7 +80,9 @@ class Sidecar:
             host, port = split_host_port(address)
             await web.TCPSite(runner, host, port, reuse_address=True, backlog=1024).start()
             self._runners.append(runner)
-        self._monitor_task = asyncio.create_task(self.monitor.run(), name="upstream-monitor")
+        self._tasks.append(asyncio.create_task(self.monitor.run(), name="upstream-monitor"))
+        if self.cfg.record.enabled:
+            self._tasks.append(asyncio.create_task(self.recorder.run(), name="recorder"))
         log.info("listening: data %s, admin %s; upstream %s", self.cfg.listen, self.cfg.admin, self.client.base)
 
     async def stop(self) -> None:
@@ -67,11 +92,14 @@ class Sidecar:
         for runner in data:
             # aiohttp stops listening, then waits up to shutdown_grace for handlers.
             await runner.cleanup()
-        if self._monitor_task is not None:
-            self._monitor_task.cancel()
+        for task in self._tasks:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._monitor_task
+                await task
         await self.monitor.stop()
+        if self.cfg.record.enabled:
+            await self.recorder.close()
+        await self.store.close()
         await admin.cleanup()
         await self.client.close()
         log.info("stopped")

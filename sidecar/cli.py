@@ -27,6 +27,18 @@ def _parser() -> argparse.ArgumentParser:
 
     show = sub.add_parser("config", help="print the effective configuration and exit")
     _config_flags(show)
+
+    plan = sub.add_parser("plan", help="print the warm-up plan the sidecar would run now, without running it")
+    _config_flags(plan)
+
+    export = sub.add_parser("export-warmup", help="write the recorded top-N as the model server's own warm-up")
+    _config_flags(export)
+    export.add_argument("--format", required=True, choices=("tfserving", "triton"))
+    export.add_argument("--model", required=True, help="model whose recorded requests to export")
+    export.add_argument("--out", required=True, metavar="PATH",
+                        help="tfserving: the tf_serving_warmup_requests file; triton: a directory")
+    export.add_argument("--max-batch-size", type=int, default=None,
+                        help="triton: the model's max_batch_size (default: asked from the upstream)")
     return p
 
 
@@ -36,6 +48,7 @@ def _config_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--protocol", metavar="auto|triton|tfserving", help="upstream.protocol")
     p.add_argument("--listen", metavar="HOST:PORT", help="HTTP data port")
     p.add_argument("--admin", metavar="HOST:PORT", help="admin port")
+    p.add_argument("--store", metavar="PATH|URL", help="traffic memory: SQLite file path or redis:// URL")
     p.add_argument(
         "--set", metavar="KEY=VALUE", action="append", default=[],
         help="any configuration key, e.g. --set upstream.timeout=5 (repeatable)",
@@ -48,6 +61,7 @@ def _flag_values(ns: argparse.Namespace) -> dict[str, Any]:
         "upstream.protocol": ns.protocol,
         "listen": ns.listen,
         "admin": ns.admin,
+        "store": ns.store,
     }
     known = {k.path for k in keys()}
     for item in ns.set:
@@ -77,6 +91,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         for info in keys():
             print(f"{info.path} = {_lookup(cfg, info.path)!r}")
         return 0
+    if ns.command == "plan":
+        from .tools import print_plan
+
+        return asyncio.run(print_plan(cfg))
+    if ns.command == "export-warmup":
+        from .tools import export_warmup
+
+        return asyncio.run(export_warmup(cfg, ns.format, ns.model, ns.out, ns.max_batch_size))
     return _run(cfg)
 
 

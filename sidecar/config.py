@@ -96,6 +96,77 @@ class LimitsConfig:
     )
 
 
+def _at_least(n: float) -> Validator:
+    return lambda v: None if v >= n else f"a number >= {n:g}"
+
+
+@dataclass(frozen=True)
+class RecordConfig:
+    enabled: bool = field(default=True, metadata=_key("record traffic for warm-up (YAML `record: false` too)"))
+    top_n: int = field(default=100, metadata=_key("requests remembered and replayed per model", _positive))
+    models: tuple[str, ...] = field(
+        default=(), metadata=_key("only record these models (comma-separated); empty records all")
+    )
+    max_payload_bytes: int = field(
+        default=1024 * 1024, metadata=_key("largest request body kept for replay (counts are kept anyway)", _positive)
+    )
+    max_total_bytes: int = field(
+        default=256 * 1024 * 1024, metadata=_key("all kept request bodies together", _positive)
+    )
+    payload_ttl: float = field(
+        default=7 * 86400.0, metadata=_key("seconds a kept request body lives after it was last seen", _positive)
+    )
+    half_life: float = field(
+        default=86400.0, metadata=_key("seconds after which a request's count has halved", _positive)
+    )
+    queue_size: int = field(
+        default=10000, metadata=_key("observations waiting for the recorder; overflow is counted, not waited for",
+                                     _positive)
+    )
+    flush_interval: float = field(
+        default=2.0, metadata=_key("seconds between writes of aggregated counts to the store", _positive)
+    )
+
+
+@dataclass(frozen=True)
+class WarmupConfig:
+    enabled: bool = field(default=True, metadata=_key("replay recorded traffic before reporting ready"))
+    seeds: str = field(
+        default="", metadata=_key("directory of seed request files in the upstream's wire format (see README)")
+    )
+    savedmodel: str = field(
+        default="", metadata=_key("SavedModel directory whose assets.extra/tf_serving_warmup_requests seeds warm-up")
+    )
+    concurrency: int = field(default=4, metadata=_key("warm-up requests in flight at once", _positive))
+    convergence_ratio: float = field(
+        default=1.5,
+        metadata=_key("a (model, shape) is warm when its last two passes are within this latency ratio", _at_least(1)),
+    )
+    min_passes: int = field(default=2, metadata=_key("replay passes at least", _positive))
+    max_passes: int = field(default=10, metadata=_key("replay passes at most before giving up on convergence",
+                                                       _positive))
+    budget: float = field(
+        default=600.0, metadata=_key("seconds the whole warm-up may take; then ready with a warning", _positive)
+    )
+    require_complete: bool = field(
+        default=False, metadata=_key("stay not-ready until warm-up converges, however long it takes")
+    )
+    max_batch: int = field(default=64, metadata=_key("largest batch size the shape sweep builds", _positive))
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    policy: str = field(
+        default="forward",
+        metadata=_key("inference while not warm: forward, hold (until warm or hold_timeout) or reject (503)",
+                      _one_of("forward", "hold", "reject")),
+    )
+    hold_timeout: float = field(
+        default=30.0, metadata=_key("seconds a held request waits for warm before it is forwarded", _positive)
+    )
+    retry_after: float = field(default=5.0, metadata=_key("Retry-After seconds on a rejected request", _positive))
+
+
 @dataclass(frozen=True)
 class Config:
     listen: str = field(default="0.0.0.0:9000", metadata=_key("HTTP data port (HOST:PORT)", _host_port))
@@ -109,8 +180,15 @@ class Config:
     log_level: str = field(
         default="info", metadata=_key("debug, info, warning or error", _one_of("debug", "info", "warning", "error"))
     )
+    store: str = field(
+        default="/tmp/warm-sidecar/traffic.db",
+        metadata=_key("traffic memory: a file path (embedded SQLite) or redis://, rediss://, unix:// URL"),
+    )
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    record: RecordConfig = field(default_factory=RecordConfig)
+    warmup: WarmupConfig = field(default_factory=WarmupConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
 
 
 def split_host_port(value: str) -> tuple[str, int]:
@@ -188,10 +266,15 @@ def _bad(info: KeyInfo, raw: Any, allowed: str) -> ConfigError:
     return ConfigError(f"config key {info.path}: invalid value {raw!r}; allowed: {allowed}")
 
 
+_SECTIONS_WITH_ENABLED = ("record", "warmup")
+
+
 def _flatten(tree: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
     for k, v in tree.items():
         if isinstance(v, Mapping):
             yield from _flatten(v, f"{prefix}{k}.")
+        elif not prefix and k in _SECTIONS_WITH_ENABLED and isinstance(v, bool):
+            yield f"{k}.enabled", v  # `record: false` reads as it is meant
         else:
             yield f"{prefix}{k}", v
 

@@ -21,7 +21,7 @@ from .state import State, StateMachine
 
 log = logging.getLogger("sidecar.health")
 
-Warmer = Callable[[], Awaitable[None]]
+Warmer = Callable[[str], Awaitable[bool]]  # (upstream protocol) -> True: the pod may report ready
 
 
 class Health(enum.Enum):
@@ -126,9 +126,11 @@ class UpstreamMonitor:
             self._warming.cancel()
 
     async def _warm(self) -> None:
-        if self.warmer is not None:
-            await self.warmer()
-        self.machine.to(State.WARM, "warm-up complete")
+        ready = True if self.warmer is None else await self.warmer(self.protocol or "triton")
+        if ready:
+            self.machine.to(State.WARM, "warm-up complete")
+        else:
+            self.machine.reason = "warm-up incomplete and warmup.require_complete is set"
 
 
 def model_available(body: object) -> bool:

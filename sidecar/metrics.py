@@ -48,9 +48,27 @@ class Metrics:
         self.upstream_ready = Gauge(
             "sidecar_upstream_ready", "1 when the model server reports itself ready", registry=r,
         )
+        self.state = Gauge("sidecar_state", "1 for the current state of the sidecar's state machine", ["state"],
+                           registry=r)
+        self.warmup_progress = Gauge("sidecar_warmup_progress", "Warm-up progress, 0..1", registry=r)
+        self.replayed = Counter(
+            "sidecar_warmup_replayed", "Warm-up calls replayed, by model and outcome", ["model", "outcome"], registry=r,
+        )
+        self.warmup_incomplete = Counter(
+            "sidecar_warmup_incomplete", "Warm-ups that ran out of budget or passes before converging", registry=r,
+        )
+        self.recorded = Counter("sidecar_recorded", "Calls seen by the recorder", registry=r)
+        self.record_dropped = Counter(
+            "sidecar_record_dropped", "Calls not recorded because the recorder's queue was full", registry=r,
+        )
+        self.gated = Counter("sidecar_gated", "Calls held or rejected while not warm", ["action"], registry=r)
         self._request_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
         self._upstream_children: dict[tuple[str, str], Any] = {}
         self._models: set[str] = set()
+
+    def set_state(self, current: str, states: list[str]) -> None:
+        for name in states:
+            self.state.labels(name).set(1 if name == current else 0)
 
     def model_label(self, model: str) -> str:
         """Model names come from callers: cap how many label values they can mint."""

@@ -6,6 +6,7 @@ Every answer about readiness is read from the one StateMachine.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import orjson
 from aiohttp import web
@@ -13,13 +14,15 @@ from aiohttp import web
 from ..health import UpstreamMonitor
 from ..metrics import Metrics
 from ..state import StateMachine
+from ..warmup.warmer import Warmer
 
 
 class AdminFront:
-    def __init__(self, machine: StateMachine, metrics: Metrics, monitor: UpstreamMonitor) -> None:
+    def __init__(self, machine: StateMachine, metrics: Metrics, monitor: UpstreamMonitor, warmer: Warmer) -> None:
         self.machine = machine
         self.metrics = metrics
         self.monitor = monitor
+        self.warmer = warmer
 
     def application(self) -> web.Application:
         app = web.Application()
@@ -48,16 +51,48 @@ class AdminFront:
         return web.Response(body=self.metrics.render(), headers={"Content-Type": self.metrics.content_type})
 
     async def status(self, request: web.Request) -> web.Response:
+        """Plain text for people; ``?format=json`` (or Accept: application/json) for programs."""
+        data = self.status_data()
+        if request.query.get("format") == "json" or "application/json" in request.headers.get("Accept", ""):
+            return web.Response(body=orjson.dumps(data, option=orjson.OPT_INDENT_2), content_type="application/json")
+        return web.Response(text=self.status_text(data), content_type="text/plain")
+
+    def status_data(self) -> dict[str, Any]:
         m = self.machine
-        body = {
+        report = self.warmer.report
+        return {
             "state": m.state.value,
             "since_seconds": round(time.time() - m.since, 3),
             "reason": m.reason,
-            "progress": m.progress,
-            "upstream": {
-                "url": self.monitor.client.base,
-                "protocol": self.monitor.protocol or "detecting",
-                "health": self.monitor.last.value,
+            "progress": round(m.progress, 3),
+            "upstream": {"url": self.monitor.client.base, "protocol": self.monitor.protocol or "detecting",
+                         "health": self.monitor.last.value},
+            "warmups_run": self.warmer.runs,
+            "plan": [
+                {"model": mp.model, "share": round(mp.share, 4), "max_batch": mp.max_batch,
+                 "calls": [{"kind": c.kind, "batch": c.batch, "shape": c.shape} for c in mp.calls]}
+                for mp in self.warmer.plan.models
+            ],
+            "last_warmup": None if report is None else {
+                "passes": report.passes, "complete": report.complete, "reason": report.reason,
+                "errors": report.errors[-20:],
+                "groups": [{"model": g.model, "batch": g.batch, "shape": g.shape, "converged": g.converged,
+                            "failed": g.failed, "pass_latencies_ms": [round(x * 1e3, 3) for x in g.passes]}
+                           for g in report.groups.values()],
             },
         }
-        return web.Response(body=orjson.dumps(body, option=orjson.OPT_INDENT_2), content_type="application/json")
+
+    def status_text(self, data: dict[str, Any]) -> str:
+        up = data["upstream"]
+        lines = [
+            "warm-sidecar status",
+            f"state:    {data['state']} for {data['since_seconds']:.1f} s ({data['reason']})",
+            f"progress: {data['progress']:.0%}",
+            f"upstream: {up['url']} ({up['protocol']}), {up['health']}",
+            f"warm-ups: {data['warmups_run']} run since start",
+            "",
+            self.warmer.plan.render().rstrip(),
+        ]
+        if self.warmer.report is not None:
+            lines += ["", self.warmer.report.render().rstrip()]
+        return "\n".join(lines) + "\n"

@@ -11,6 +11,7 @@ import asyncio
 import itertools
 import logging
 import os
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -24,10 +25,30 @@ from ..metrics import Metrics
 from ..pipeline.stage import Call, Next, Reply
 from ..pipeline.upstream import UpstreamClient
 from ..protocols import dispatch
+from ..state import StateMachine
 
 log = logging.getLogger("sidecar.http")
 
 BINARY_HEADER = "inference-header-content-length"
+STATE_HEADER = "x-sidecar-state"
+_MODEL_READY = re.compile(r"/v2/models/[^/]+(?:/versions/[^/]+)?/ready")
+_TF_STATUS = re.compile(r"/v1/models/[^/:]+(?:/versions/[^/:]+|/labels/[^/:]+)?")
+
+
+class Stamp:
+    """The sidecar's own response headers; the state is read when the response is built."""
+
+    __slots__ = ("machine", "request_id")
+
+    def __init__(self, request_id: str, machine: StateMachine) -> None:
+        self.request_id = request_id
+        self.machine = machine
+
+    def apply(self, response: web.StreamResponse) -> web.StreamResponse:
+        if not response.prepared:
+            response.headers[REQUEST_ID] = self.request_id
+            response.headers[STATE_HEADER] = self.machine.state.value
+        return response
 STREAM_CHUNK = 256 * 1024
 
 
@@ -62,10 +83,8 @@ class InFlight:
         return True
 
 
-def error_response(err: SidecarError, request_id: str = "") -> web.Response:
+def error_response(err: SidecarError) -> web.Response:
     headers = {"Content-Type": "application/json"}
-    if request_id:
-        headers[REQUEST_ID] = request_id
     retry_after = getattr(err, "retry_after", None)
     if retry_after is not None:
         headers["Retry-After"] = str(max(1, round(retry_after)))
@@ -80,6 +99,7 @@ class HttpFront:
         pipeline: Next,
         metrics: Metrics,
         in_flight: InFlight,
+        machine: StateMachine,
         on_upstream_down: Callable[[], None] | None = None,
     ) -> None:
         self.cfg = cfg
@@ -87,6 +107,7 @@ class HttpFront:
         self.pipeline = pipeline
         self.metrics = metrics
         self.in_flight = in_flight
+        self.machine = machine
         self.on_upstream_down = on_upstream_down
         # Request ids: a random per-process prefix and a counter; unique without a syscall per call.
         self._id_prefix = os.urandom(8).hex()
@@ -105,27 +126,31 @@ class HttpFront:
         route = dispatch.match(request.path) if request.method == "POST" else None
         label = route.method if route else dispatch.route_label(request.path)
         model = route.model if route else ""
+        stamp = Stamp(request_id, self.machine)
         self.in_flight.enter()
         status = 500
         try:
             if route is not None:
                 response: web.StreamResponse = await self._infer(request, route, request_id)
+            elif request.method == "GET" and not self.machine.ready and (
+                    answer := await self._not_ready_answer(request)) is not None:
+                response = answer
             else:
-                response = await self._pass_through(request, request_id)
+                response = await self._pass_through(request, request_id, stamp)
             status = response.status
-            return response
+            return stamp.apply(response)
         except SidecarError as err:
             if isinstance(err, UpstreamUnavailable) and self.on_upstream_down is not None:
                 self.on_upstream_down()
             if isinstance(err, DecodeError):
                 self.metrics.decode_errors.labels(label).inc()
             status = err.http_status
-            return error_response(err, request_id)
+            return stamp.apply(error_response(err))
         except Exception:
             # A bug here must still answer in the upstream's error shape; the log holds the
             # traceback (never the payload).
             log.exception("internal error handling %s %s", request.method, request.path)
-            return error_response(SidecarError("internal sidecar error"), request_id)
+            return stamp.apply(error_response(SidecarError("internal sidecar error")))
         finally:
             self.in_flight.leave()
             self.metrics.observe_request(label, model, status, time.perf_counter() - started)
@@ -164,9 +189,41 @@ class HttpFront:
             route=route.method,
         )
         reply = await self.pipeline(call)
-        return _to_response(reply, request_id)
+        return _to_response(reply)
 
-    async def _pass_through(self, request: web.BaseRequest, request_id: str) -> web.StreamResponse:
+    async def _not_ready_answer(self, request: web.BaseRequest) -> web.StreamResponse | None:
+        """The model server's own readiness paths, answered "not ready" until the pod is warm."""
+        path = request.path
+        if path == "/v2/health/ready":
+            return web.Response(status=400)  # Triton: 400 with an empty body when not ready
+        if _MODEL_READY.fullmatch(path):
+            return web.Response(status=400, body=b'{"error":"Model version not ready"}',
+                                content_type="application/json")
+        if _TF_STATUS.fullmatch(path):
+            return await self._tf_status_not_ready(request)
+        return None
+
+    async def _tf_status_not_ready(self, request: web.BaseRequest) -> web.StreamResponse:
+        """TF Serving's model status, with AVAILABLE versions shown as LOADING while warming."""
+        async with self.client.open_stream("GET", request.path_qs, [], None) as upstream:
+            body = await upstream.read()
+            headers = end_to_end(upstream.headers.items())
+            status = upstream.status
+        try:
+            doc = orjson.loads(body)
+            for version in doc.get("model_version_status", []):
+                if version.get("state") == "AVAILABLE":
+                    version["state"] = "LOADING"
+            body = orjson.dumps(doc)
+        except (orjson.JSONDecodeError, AttributeError, TypeError):
+            pass  # not a status document: pass it on unchanged
+        response = web.Response(status=status, body=body)
+        response.headers.popall("Content-Type", None)
+        for k, v in headers:
+            response.headers.add(k, v)
+        return response
+
+    async def _pass_through(self, request: web.BaseRequest, request_id: str, stamp: Stamp) -> web.StreamResponse:
         limit = self.cfg.limits.max_body_bytes
         if request.content_length is not None and request.content_length > limit:
             raise PayloadTooLarge(f"request body of {request.content_length} bytes exceeds the limit of {limit}")
@@ -178,7 +235,7 @@ class HttpFront:
             response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
             for k, v in end_to_end(upstream.headers.items()):
                 response.headers.add(k, v)
-            response.headers[REQUEST_ID] = request_id
+            stamp.apply(response)
             if upstream.content_length is not None:
                 response.content_length = upstream.content_length
             await response.prepare(request)
@@ -220,11 +277,10 @@ def _forward_headers(request: web.BaseRequest, request_id: str) -> list[tuple[st
     return headers
 
 
-def _to_response(reply: Reply, request_id: str) -> web.Response:
+def _to_response(reply: Reply) -> web.Response:
     response = web.Response(status=reply.status, reason=reply.reason or None, body=reply.body)
     # web.Response sets its own Content-Type; the upstream's must win unchanged.
     response.headers.popall("Content-Type", None)
     for k, v in reply.headers:
         response.headers.add(k, v)
-    response.headers[REQUEST_ID] = request_id
     return response

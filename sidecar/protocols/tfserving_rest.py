@@ -156,7 +156,8 @@ def _dumps(value: Any, nonfinite: bool) -> bytes:
     return json.dumps(value, allow_nan=True, ensure_ascii=False, separators=(",", ":")).encode()
 
 
-def _canonical_json(value: Any, nonfinite: bool) -> bytes:
+def canonical_json(value: Any, nonfinite: bool) -> bytes:
+    """The one text of a JSON value (sorted keys) that identity and replay rely on."""
     if not nonfinite:
         return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
     text = json.dumps(value, allow_nan=True, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
@@ -443,7 +444,7 @@ def _decode_examples(doc: dict[str, Any], params: dict[str, Any]) -> Tensor:
     if CONTEXT_PARAM in doc:
         context = doc[CONTEXT_PARAM]
         nonfinite = _check_example(context, CONTEXT_PARAM)
-        params[CONTEXT_PARAM] = _canonical_json(context, nonfinite).decode()
+        params[CONTEXT_PARAM] = canonical_json(context, nonfinite).decode()
         context_keys = set(context)
     examples = doc.get(EXAMPLES)
     if not isinstance(examples, list) or not examples:
@@ -455,7 +456,7 @@ def _decode_examples(doc: dict[str, Any], params: dict[str, Any]) -> Tensor:
         clash = context_keys & example.keys()
         if clash:
             raise DecodeError(f"{field}.{min(clash)}: also in context; a feature may appear in only one")
-        elements.append(_canonical_json(example, nonfinite))
+        elements.append(canonical_json(example, nonfinite))
     return Tensor(EXAMPLES, "BYTES", (len(elements),), pack_bytes_elements(elements))
 
 

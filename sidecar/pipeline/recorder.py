@@ -1,0 +1,118 @@
+"""The recorder stage: remembers what real traffic looks like, without slowing it down.
+
+The stage itself only puts the finished call on a bounded queue (what overflows is
+counted, never waited for). A background task keys, counts and aggregates calls in a
+Space-Saving sketch per model and writes the aggregate to the traffic store every
+``flush_interval`` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from ..cache.keys import batch_size, request_key, shape_signature
+from ..config import RecordConfig
+from ..metrics import Metrics
+from ..warmup import payload
+from ..warmup.sketch import SpaceSaving
+from ..warmup.store import Sample, TrafficStore
+from .stage import Call, Next, Reply
+
+log = logging.getLogger("sidecar.recorder")
+
+
+class _ModelMemory:
+    """One model's aggregate since the last flush."""
+
+    def __init__(self, capacity: int) -> None:
+        self.sketch: SpaceSaving[str] = SpaceSaving(capacity)
+        self.meta: dict[str, tuple[str, int, bytes]] = {}  # key -> (shape, batch, payload or b"")
+
+
+class Recorder:
+    name = "recorder"
+
+    def __init__(self, cfg: RecordConfig, store: TrafficStore, metrics: Metrics, capacity: int) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.metrics = metrics
+        self.capacity = capacity
+        self.allow = frozenset(cfg.models)
+        self._queue: asyncio.Queue[Call] = asyncio.Queue(cfg.queue_size)
+        self._models: dict[str, _ModelMemory] = {}
+        # When each key's payload last went to the store: resent only to refresh its TTL.
+        self._payload_sent: dict[str, float] = {}
+
+    def __repr__(self) -> str:
+        return f"<Recorder queue={self._queue.qsize()}/{self.cfg.queue_size} models={len(self._models)}>"
+
+    async def __call__(self, call: Call, next: Next) -> Reply:
+        reply = await next(call)
+        # Only calls the server answered are worth replaying.
+        if reply.status == 200 and (not self.allow or call.request.model in self.allow):
+            try:
+                self._queue.put_nowait(call)
+            except asyncio.QueueFull:
+                self.metrics.record_dropped.inc()
+        return reply
+
+    async def run(self) -> None:
+        """Background task: aggregate, and flush every ``flush_interval`` seconds."""
+        loop = asyncio.get_running_loop()
+        next_flush = loop.time() + self.cfg.flush_interval
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout_at(next_flush):
+                    while True:
+                        self._observe(await self._queue.get())
+            next_flush = loop.time() + self.cfg.flush_interval
+            await self.flush()
+
+    def _observe(self, call: Call) -> None:
+        req = call.request
+        key = request_key(req)
+        memory = self._models.get(req.model)
+        if memory is None:
+            memory = self._models[req.model] = _ModelMemory(self.capacity)
+        memory.sketch.offer(key)
+        if key not in memory.meta:
+            memory.meta[key] = (shape_signature(req), batch_size(req), self._payload_for(key, call))
+        self.metrics.recorded.inc()
+
+    def _payload_for(self, key: str, call: Call) -> bytes:
+        if len(call.body) > self.cfg.max_payload_bytes:
+            return b""
+        sent = self._payload_sent.get(key)
+        if sent is not None and time.time() - sent < self.cfg.payload_ttl / 2:
+            return b""  # the store has it; b"" keeps what it has
+        return payload.encode(payload.RecordedCall.of(call.path, call.headers, call.body))
+
+    async def close(self) -> None:
+        """Record what is still queued, then write it: a shutdown loses nothing that was seen."""
+        while not self._queue.empty():
+            self._observe(self._queue.get_nowait())
+        await self.flush()
+
+    async def flush(self) -> None:
+        samples: list[Sample] = []
+        now = time.time()
+        for model, memory in self._models.items():
+            for key, count, _error in memory.sketch.top(self.capacity):
+                shape, batch, body = memory.meta.get(key, ("", 1, b""))
+                samples.append(Sample(model, key, shape, batch, count, body))
+                if body:
+                    self._payload_sent[key] = now
+        self._models.clear()
+        if len(self._payload_sent) > 20 * self.capacity:  # bounded: forget the oldest half
+            for key, _ in sorted(self._payload_sent.items(), key=lambda kv: kv[1])[: len(self._payload_sent) // 2]:
+                del self._payload_sent[key]
+        if samples:
+            dropped = getattr(self.store, "dropped", 0)
+            await self.store.add(samples)
+            if getattr(self.store, "dropped", 0) != dropped:
+                # The store was unreachable: payloads must go again next time.
+                for sample in samples:
+                    self._payload_sent.pop(sample.key, None)

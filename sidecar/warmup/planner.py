@@ -1,0 +1,209 @@
+"""The warm-up plan: what to replay, per model, in order of each model's share of traffic.
+
+Per model: the top-N recorded calls (most frequent first, sent exactly as clients sent
+them), the user's seed requests, and a shape sweep: for a model with a batch dimension,
+one call at every batch size the recorded histogram shows (1, 2, 4, ... up to the model's
+maximum when nothing is recorded), built by stacking rows of recorded or seed requests.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..cache.keys import batch_size, shape_signature
+from ..config import Config
+from ..errors import DecodeError
+from ..protocols import kserve_http, tfserving_rest
+from ..protocols.request import InferenceRequest, Protocol
+from . import payload
+from .stacking import row_signature, stack
+from .store import TrafficStore
+
+log = logging.getLogger("sidecar.planner")
+
+JSON = "application/json"
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedCall:
+    model: str
+    kind: str  # "recorded" | "seed" | "sweep"
+    path: str
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+    request: InferenceRequest
+    shape: str
+    batch: int
+    weight: float = 0.0
+
+
+@dataclass
+class ModelPlan:
+    model: str
+    share: float
+    max_batch: int
+    calls: list[PlannedCall] = field(default_factory=list)
+
+
+@dataclass
+class Plan:
+    models: list[ModelPlan] = field(default_factory=list)
+
+    @property
+    def total_calls(self) -> int:
+        return sum(len(m.calls) for m in self.models)
+
+    def render(self) -> str:
+        """The plan as a person reads it (``sidecar plan`` and the /status page)."""
+        if not self.models:
+            return "warm-up plan: nothing recorded or seeded yet; warm-up has nothing to replay\n"
+        lines = [f"warm-up plan: {len(self.models)} model(s), {self.total_calls} call(s) per pass"]
+        for m in self.models:
+            kinds = {k: sum(c.kind == k for c in m.calls) for k in ("recorded", "seed", "sweep")}
+            batches = sorted({c.batch for c in m.calls})
+            lines.append(
+                f"  {m.model}: {m.share:6.1%} of traffic, max batch {m.max_batch or '-'}; "
+                f"{kinds['recorded']} recorded, {kinds['seed']} seed, {kinds['sweep']} sweep; "
+                f"batch sizes {batches}"
+            )
+        return "\n".join(lines) + "\n"
+
+
+ModelInfo = Callable[[str, Protocol], Awaitable[int | None]]  # max batch size; 0 = none; None = unknown
+
+
+class Planner:
+    def __init__(self, cfg: Config, store: TrafficStore, max_batch_of: ModelInfo) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.max_batch_of = max_batch_of
+
+    async def build(self, upstream: str) -> Plan:
+        """``upstream``: ``triton`` or ``tfserving``, the wire format of seed files and model metadata."""
+        protocol = Protocol.TFSERVING_REST if upstream == "tfserving" else Protocol.KSERVE_HTTP
+        seeds = load_seeds(self.cfg.warmup.seeds, self.cfg.warmup.savedmodel, protocol)
+        weights = dict(await self.store.models())
+        for model in seeds:
+            weights.setdefault(model, 0.0)
+        total = sum(weights.values()) or 1.0
+        plan = Plan()
+        for model, weight in sorted(weights.items(), key=lambda kv: -kv[1]):
+            model_plan = await self._model_plan(model, weight / total, seeds.get(model, []), protocol)
+            if model_plan.calls:
+                plan.models.append(model_plan)
+        return plan
+
+    async def _model_plan(self, model: str, share: float, seeds: list[PlannedCall], protocol: Protocol) -> ModelPlan:
+        recorded = await self._recorded(model)
+        base = recorded + seeds
+        max_batch = await self.max_batch_of(model, protocol) or 0
+        plan = ModelPlan(model, share, max_batch, base)
+        if max_batch > 0 and base:
+            histogram = {batch for _shape, batch, _w in await self.store.shapes(model)}
+            plan.calls.extend(sweep(base, histogram, min(max_batch, self.cfg.warmup.max_batch)))
+        return plan
+
+    async def _recorded(self, model: str) -> list[PlannedCall]:
+        calls = []
+        for stored in await self.store.top(model, self.cfg.record.top_n):
+            try:
+                recorded = payload.decode(stored.payload)
+                request = recorded.to_request()
+            except (ValueError, DecodeError) as e:
+                log.warning("skipping an unreadable recorded call of %s: %s", model, e)
+                continue
+            calls.append(PlannedCall(model, "recorded", recorded.path, recorded.headers, recorded.body, request,
+                                     shape_signature(request), batch_size(request), stored.weight))
+        return calls
+
+
+def sweep(base: Sequence[PlannedCall], recorded_batches: Iterable[int], max_batch: int) -> list[PlannedCall]:
+    """Calls at each batch size not already covered, stacked from the commonest row layout."""
+    groups: dict[object, list[InferenceRequest]] = {}
+    for call in base:
+        signature = row_signature(call.request)
+        if signature is not None:
+            groups.setdefault(signature, []).append(call.request)
+    if not groups:
+        return []
+    rows = max(groups.values(), key=len)
+    wanted = sorted(b for b in set(recorded_batches) if 1 <= b <= max_batch) or powers_of_two(max_batch)
+    covered = {call.batch for call in base if row_signature(call.request) == row_signature(rows[0])}
+    return [planned(stack(rows, b), "sweep") for b in wanted if b not in covered]
+
+
+def powers_of_two(limit: int) -> list[int]:
+    out, b = [], 1
+    while b <= limit:
+        out.append(b)
+        b *= 2
+    if out and out[-1] != limit:
+        out.append(limit)
+    return out
+
+
+def planned(req: InferenceRequest, kind: str) -> PlannedCall:
+    """Encode a canonical request into the wire form of its own protocol."""
+    if req.protocol is Protocol.TFSERVING_REST:
+        body = tfserving_rest.encode_request(req)
+        path = tfserving_rest.infer_path(req)
+        headers: tuple[tuple[str, str], ...] = (("Content-Type", JSON),)
+    else:
+        body, header_length = kserve_http.encode_request(req, True)
+        path = kserve_http.infer_path(req.model, req.version)
+        if header_length is None:
+            headers = (("Content-Type", JSON),)
+        else:
+            headers = (("Content-Type", "application/octet-stream"), (kserve_http.HEADER_LENGTH, str(header_length)))
+    return PlannedCall(req.model, kind, path, headers, body, req, shape_signature(req), batch_size(req))
+
+
+def load_seeds(directory: str, savedmodel: str, protocol: Protocol) -> dict[str, list[PlannedCall]]:
+    """Seed requests: ``<dir>/<model>/*.json`` bodies in the upstream's wire format, plus a SavedModel's
+    ``assets.extra/tf_serving_warmup_requests``. A file that does not decode is reported and skipped."""
+    seeds: dict[str, list[PlannedCall]] = {}
+    if directory:
+        for path in sorted(Path(directory).glob("*/*.json")):
+            call = _seed_file(path, protocol)
+            if call is not None:
+                seeds.setdefault(call.model, []).append(call)
+    if savedmodel:
+        for req in _savedmodel_requests(Path(savedmodel)):
+            seeds.setdefault(req.model, []).append(planned(req, "seed"))
+    return seeds
+
+
+def _seed_file(path: Path, protocol: Protocol) -> PlannedCall | None:
+    """``<model>/<name>.json``: a KServe v2 infer body for Triton, a TF Serving body for TF Serving;
+    ``<name>.classify.json`` / ``<name>.regress.json`` choose those TF Serving methods."""
+    model, body = path.parent.name, path.read_bytes()
+    method = next((m for m in ("classify", "regress") if path.name.endswith(f".{m}.json")), "predict")
+    try:
+        if protocol is Protocol.TFSERVING_REST or method != "predict":
+            req = tfserving_rest.decode_request(model, "", "", method, body)
+            path_ = tfserving_rest.infer_path(req)
+        else:
+            req = kserve_http.decode_request(model, "", body, None)
+            path_ = kserve_http.infer_path(model, "")
+    except DecodeError as e:
+        log.warning("seed file %s skipped: %s", path, e)
+        return None
+    return PlannedCall(model, "seed", path_, (("Content-Type", JSON),), body, req, shape_signature(req),
+                       batch_size(req))
+
+
+def _savedmodel_requests(savedmodel: Path) -> list[InferenceRequest]:
+    from .export import from_tfserving_warmup
+
+    warmup_file = savedmodel / "assets.extra" / "tf_serving_warmup_requests"
+    try:
+        imported = from_tfserving_warmup(warmup_file.read_bytes())
+    except (OSError, ValueError) as e:
+        log.warning("SavedModel warm-up file %s unreadable: %s", warmup_file, e)
+        return []
+    for why in imported.skipped:
+        log.warning("SavedModel warm-up file %s: %s skipped", warmup_file, why)
+    return imported.requests

@@ -1,0 +1,173 @@
+"""Replays a warm-up plan until latency has converged: readiness is earned, not timed.
+
+A pass sends every planned call once (``concurrency`` at a time, models in plan order).
+A (model, shape) group is converged when its last two passes' latencies (the slowest call
+of the group in each pass) are within ``convergence_ratio`` of each other, both ways. A
+call the server refuses is reported and dropped from later passes, never retried forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from ..config import WarmupConfig
+from ..errors import SidecarError
+from ..metrics import Metrics
+from ..pipeline.stage import Call, Reply
+from .planner import Plan, PlannedCall
+
+log = logging.getLogger("sidecar.warmup")
+
+Send = Callable[[Call], Awaitable[Reply]]
+_NOISE_FLOOR = 0.001  # seconds
+OnAnswer = Callable[[PlannedCall, Reply], None]  # the cache stage's hook: store replayed answers
+
+
+@dataclass
+class GroupStats:
+    model: str
+    shape: str
+    batch: int
+    passes: list[float] = field(default_factory=list)  # seconds, slowest call per pass
+    failed: int = 0
+    converged: bool = False
+
+
+@dataclass
+class WarmupReport:
+    groups: dict[tuple[str, str], GroupStats] = field(default_factory=dict)
+    passes: int = 0
+    complete: bool = False
+    reason: str = ""
+    errors: list[str] = field(default_factory=list)
+    started: float = field(default_factory=time.time)
+    finished: float | None = None
+
+    def render(self) -> str:
+        lines = [f"last warm-up: {self.passes} pass(es), {'complete' if self.complete else 'INCOMPLETE'}"
+                 + (f" ({self.reason})" if self.reason else "")]
+        for g in sorted(self.groups.values(), key=lambda g: (g.model, g.batch, g.shape)):
+            passes = " -> ".join(f"{s * 1e3:.1f}" for s in g.passes) or "-"
+            state = "warm" if g.converged else ("failed" if g.failed and not g.passes else "not converged")
+            lines.append(f"  {g.model:<20} batch {g.batch:<4} {state:<13} pass latencies ms: {passes}   {g.shape}")
+        lines.extend(f"  error: {e}" for e in self.errors[-10:])
+        return "\n".join(lines) + "\n"
+
+
+class Replayer:
+    def __init__(self, cfg: WarmupConfig, send: Send, metrics: Metrics, timeout: float,
+                 on_answer: OnAnswer | None = None) -> None:
+        self.cfg = cfg
+        self.send = send
+        self.metrics = metrics
+        self.timeout = timeout
+        self.on_answer = on_answer
+        self.report = WarmupReport()
+        self.progress: Callable[[float], None] = lambda _p: None
+
+    async def run(self, plan: Plan) -> WarmupReport:
+        """Replay until converged, out of passes or out of budget (budget ignored with require_complete)."""
+        self.report = report = WarmupReport()
+        calls = [c for m in plan.models for c in m.calls]
+        for c in calls:
+            report.groups.setdefault((c.model, c.shape), GroupStats(c.model, c.shape, c.batch))
+        if not calls:
+            report.complete, report.reason = True, "nothing to replay"
+            return self._finish(report)
+        try:
+            if self.cfg.require_complete:
+                await self._passes(calls, report, limit=None)
+            else:
+                async with asyncio.timeout(self.cfg.budget):
+                    await self._passes(calls, report, limit=self.cfg.max_passes)
+        except TimeoutError:
+            report.reason = f"time budget of {self.cfg.budget:g} s ran out"
+        return self._finish(report)
+
+    def _finish(self, report: WarmupReport) -> WarmupReport:
+        report.finished = time.time()
+        if not report.complete:
+            self.metrics.warmup_incomplete.inc()
+            log.warning("warm-up incomplete: %s", report.reason or "did not converge")
+        return report
+
+    async def _passes(self, calls: list[PlannedCall], report: WarmupReport, limit: int | None) -> None:
+        live = list(calls)
+        while live and (limit is None or report.passes < limit):
+            latencies = await self._one_pass(live, report)
+            report.passes += 1
+            failed = {id(c) for c, lat in latencies if lat is None}
+            live = [c for c in live if id(c) not in failed]
+            self._record_pass(report, latencies)
+            self.progress(self._progress(report, len(calls)))
+            if report.passes >= self.cfg.min_passes and all(
+                g.converged or not g.passes for g in report.groups.values()
+            ):
+                report.complete = not report.errors
+                report.reason = "" if report.complete else f"{len(report.errors)} call(s) failed"
+                return
+        report.reason = report.reason or (
+            f"not converged after {report.passes} passes" if live else "every warm-up call failed")
+
+    async def _one_pass(self, calls: list[PlannedCall], report: WarmupReport) -> list[tuple[PlannedCall,
+                                                                                             float | None]]:
+        gate = asyncio.Semaphore(self.cfg.concurrency)
+
+        async def one(call: PlannedCall) -> tuple[PlannedCall, float | None]:
+            async with gate:
+                return call, await self._replay(call, report)
+
+        return list(await asyncio.gather(*(one(c) for c in calls)))
+
+    async def _replay(self, call: PlannedCall, report: WarmupReport) -> float | None:
+        loop = asyncio.get_running_loop()
+        wire = Call(request=call.request, path=call.path, query="", headers=call.headers, body=call.body,
+                    request_id=f"warmup-{call.kind}", deadline=loop.time() + self.timeout, route="warmup")
+        started = time.perf_counter()
+        try:
+            reply = await self.send(wire)
+        except SidecarError as e:
+            self._failed(call, report, e.message)
+            return None
+        if reply.status != 200:
+            self._failed(call, report, f"HTTP {reply.status}: {reply.body[:200].decode(errors='replace')}")
+            return None
+        self.metrics.replayed.labels(self.metrics.model_label(call.model), "ok").inc()
+        if self.on_answer is not None:
+            self.on_answer(call, reply)
+        return time.perf_counter() - started
+
+    def _failed(self, call: PlannedCall, report: WarmupReport, why: str) -> None:
+        self.metrics.replayed.labels(self.metrics.model_label(call.model), "error").inc()
+        report.groups[(call.model, call.shape)].failed += 1
+        report.errors.append(f"{call.model} batch {call.batch} ({call.kind}): {why}")
+        log.warning("warm-up call failed and is dropped: %s batch %d (%s): %s", call.model, call.batch,
+                    call.kind, why)
+
+    def _record_pass(self, report: WarmupReport, latencies: list[tuple[PlannedCall, float | None]]) -> None:
+        slowest: dict[tuple[str, str], float] = {}
+        for call, latency in latencies:
+            if latency is not None:
+                key = (call.model, call.shape)
+                slowest[key] = max(slowest.get(key, 0.0), latency)
+        ratio = self.cfg.convergence_ratio
+        for key, latency in slowest.items():
+            group = report.groups[key]
+            group.passes.append(latency)
+            if len(group.passes) >= 2:
+                prev, last = group.passes[-2], group.passes[-1]
+                # Within the ratio both ways; below a millisecond of difference, scheduling noise
+                # dominates and the two passes count as equal.
+                low, high = min(prev, last), max(prev, last)
+                group.converged = high <= ratio * low or high - low <= _NOISE_FLOOR
+
+    def _progress(self, report: WarmupReport, total_calls: int) -> float:
+        groups = [g for g in report.groups.values() if g.passes or g.failed]
+        if not groups:
+            return 0.0
+        done = sum(1.0 if g.converged or (g.failed and not g.passes) else 0.5 for g in groups)
+        return min(0.99, done / len(report.groups))

@@ -1,0 +1,51 @@
+"""Request identity keys: equal calls share a key whatever their wire form; different calls do not."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sidecar.cache.keys import batch_size, request_key, shape_signature
+from sidecar.protocols import kserve_http
+from sidecar.protocols.request import InferenceRequest, Protocol, Tensor, freeze_params
+from tests.strategies import inference_requests
+
+
+@given(inference_requests(unique_names=True))
+def test_key_ignores_wire_form(req: InferenceRequest) -> None:
+    """JSON and binary encodings of one request decode to the same key."""
+    keys = set()
+    for binary in (False, True):
+        try:
+            body, header_length = kserve_http.encode_request(req, binary)
+        except ValueError:
+            return
+        keys.add(request_key(kserve_http.decode_request(req.model, req.version, body, header_length)))
+    assert keys == {request_key(req)}
+
+
+@given(inference_requests(unique_names=True))
+def test_key_ignores_id_and_wire_params(req: InferenceRequest) -> None:
+    if any(k == "binary_data_output" for k, _ in req.parameters):
+        return
+    params = tuple(sorted((*req.parameters, *freeze_params({"binary_data_output": True}))))
+    other = dataclasses.replace(req, id="other-id", wire=b"x", parameters=params)
+    assert request_key(other) == request_key(req)
+
+
+@given(inference_requests(unique_names=True), st.binary(min_size=1, max_size=8))
+def test_key_changes_with_data(req: InferenceRequest, extra: bytes) -> None:
+    t = Tensor("__extra__", "UINT8", (len(extra),), extra)
+    changed = dataclasses.replace(req, inputs=(*req.inputs, t))
+    assert request_key(changed) != request_key(req)
+    assert request_key(dataclasses.replace(req, model=req.model + "x")) != request_key(req)
+
+
+def test_shape_signature_and_batch() -> None:
+    req = InferenceRequest(Protocol.KSERVE_HTTP, "m", inputs=(
+        Tensor("b", "INT64", (4,), bytes(32)), Tensor("a", "FP32", (4, 2), bytes(32))))
+    assert shape_signature(req) == "a:FP32[4,2];b:INT64[4]"
+    assert batch_size(req) == 4
+    assert batch_size(InferenceRequest(Protocol.KSERVE_HTTP, "m")) == 1
