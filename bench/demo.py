@@ -15,10 +15,12 @@ sys.path.insert(0, str(ROOT))
 import aiohttp  # noqa: E402
 import orjson  # noqa: E402
 
+from bench.coldstart import BATCHES, MODELS_TORCH_DIR, record, run_sidecar, run_triton  # noqa: E402
 from tests.servers import MODELS_DIR, TritonServer  # noqa: E402
 from tests.sidecar_proc import SidecarProcess  # noqa: E402
 
 MODEL = "identity_fp32"
+MODEL_COLD = "compiled_mlp"
 REQUESTS = 2000
 CONCURRENCY = 16
 
@@ -114,10 +116,39 @@ def main() -> int:
             say("5. Shutting down: SIGTERM to the sidecar (it drains in-flight calls), then Triton")
             code = sidecar.terminate()
             say(f"   sidecar exited with status {code}")
-        say(f"   Triton stopped. Demo took {time.monotonic() - t0:.0f} s.")
-    ok = d_status.get(200) == REQUESTS and p_status.get(200) == REQUESTS and code == 0
+        say("   Triton stopped.")
+        warm_ok = cold_start(work)
+        say(f"\nDemo took {time.monotonic() - t0:.0f} s.")
+    ok = d_status.get(200) == REQUESTS and p_status.get(200) == REQUESTS and code == 0 and warm_ok
     say("\nAll calls answered, each with its own result." if ok else "\nSOMETHING WENT WRONG: see above.")
     return 0 if ok else 1
+
+
+def cold_start(work: Path) -> bool:
+    """Part two: the cold-start cliff of a torch.compile model, without and with the sidecar's warm-up."""
+    say(f"\n6. The cold-start cliff. Model '{MODEL_COLD}': torch.compile on CPU, so the first call at every")
+    say("   batch size compiles kernels. Recording a short burst of real traffic (batch sizes "
+        f"{', '.join(map(str, BATCHES))}) through a sidecar ...")
+    store = str(work / "traffic.db")
+    record(work, store, per_batch=2)
+    say("7. Restarting the model server cold (new process, empty compile cache), twice:")
+    say("   - alone: clients are sent traffic once Triton says ready;")
+    alone = run_triton("alone", MODELS_TORCH_DIR, work, per_batch=1, steady=10, concurrency=1)
+    say("   - behind the sidecar: clients are sent traffic once the sidecar's /readyz says 200.")
+    warmed = run_sidecar(work, store, per_batch=1, steady=10, concurrency=1, name="sidecar")
+    say("\n   | first call at batch size | " + " | ".join(f"{b:>7}" for b in BATCHES) + " | ready after |")
+    say("   |--------------------------|" + "---------|" * len(BATCHES) + "-------------|")
+    for label, case in (("Triton alone", alone), ("behind the sidecar", warmed)):
+        cells = " | ".join(f"{case.first_at(b).latency * 1e3:5.0f}ms" for b in BATCHES)
+        say(f"   | {label:<24} | {cells} | {case.ready:9.1f} s |")
+    p99 = warmed.steady_p99()
+    worst = max(warmed.first_at(b).latency for b in BATCHES)
+    say(f"\n   Steady state through the sidecar: p99 {p99 * 1e3:.1f} ms. Alone, Triton answered its first users "
+        f"after {max(alone.first_at(b).latency for b in BATCHES):.1f} s at worst;")
+    say(f"   the sidecar spent {warmed.ready - alone.ready:+.1f} s longer before reporting ready, replaying what "
+        f"it had recorded, and then\n   no first call took more than {worst * 1e3:.0f} ms "
+        f"({worst / p99:.1f}x steady p99).")
+    return not (alone.errors() or warmed.errors())
 
 
 async def _get(url: str) -> str:

@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sidecar.protocols.request import DATATYPE_SIZES, InferenceRequest, Protocol, Tensor
-from sidecar.warmup.stacking import _rows, row_signature, stack
+from sidecar.warmup.stacking import row_signature, stack, tensor_rows
 from tests.strategies import tensor_data
 
 
@@ -31,8 +31,8 @@ def test_stack_takes_rows_cyclically(reqs: list[InferenceRequest], batch: int) -
     assert row_signature(stacked) == row_signature(reqs[0])
     for t in stacked.inputs:
         assert t.shape[0] == batch
-        source = [row for r in reqs for row in _rows(r.input(t.name))]
-        assert _rows(t) == [source[i % len(source)] for i in range(batch)]
+        source = [row for r in reqs for row in tensor_rows(r.input(t.name))]
+        assert tensor_rows(t) == [source[i % len(source)] for i in range(batch)]
 
 
 def test_stack_refuses_mismatched_requests() -> None:
