@@ -58,6 +58,7 @@ class SidecarProcess(ServerProcess):
     def command(self) -> list[str]:
         return [
             sys.executable,
+            "-P",  # the working directory is not on sys.path: a folder there named "sidecar" must not shadow us
             "-m",
             "sidecar",
             "run",
@@ -69,6 +70,8 @@ class SidecarProcess(ServerProcess):
             f"{HOST}:{self.port}",
             "--admin",
             f"{HOST}:{self.admin_port}",
+            # Each sidecar its own traffic memory unless told otherwise: runs must not replay each other's calls.
+            *([] if "--store" in self.extra_args else ["--store", str(self.workdir / f"traffic-{self.port}.db")]),
             *self.extra_args,
         ]
 
