@@ -26,6 +26,7 @@ demo: setup
 
 bench: setup
 	$(PY) bench/proxy_overhead.py
+	$(PY) bench/cold_start.py
 
 $(STAMPS)/apt:
 	@mkdir -p $(STAMPS)
