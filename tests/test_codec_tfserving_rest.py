@@ -638,3 +638,19 @@ def _valid_bodies(draw: st.DrawFn) -> bytes:
 @given(_valid_bodies().flatmap(lambda body: mutated(json.loads(body))))
 def test_fuzz_mutated_valid_documents(doc: Any) -> None:
     _only_decode_errors(json.dumps(doc, allow_nan=True).encode())
+
+
+def test_status_not_ready_shows_available_versions_as_loading() -> None:
+    # TF Serving's documented status answer (g3doc/api_rest.md), during a version roll-over.
+    body = orjson.dumps({"model_version_status": [
+        {"version": "2", "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}},
+        {"version": "1", "state": "END", "status": {"error_code": "OK", "error_message": ""}},
+    ]})
+    doc = orjson.loads(codec.status_not_ready(body))
+    assert [v["state"] for v in doc["model_version_status"]] == ["LOADING", "END"]
+    assert doc["model_version_status"][0]["status"] == {"error_code": "OK", "error_message": ""}
+    assert orjson.loads(codec.status_not_ready(b'{"name": "m", "ready": true}')) == {"name": "m", "ready": False}
+    assert codec.status_not_ready(b"not json") == b"not json"
+    assert codec.status_not_ready(b"[1]") == b"[1]"
+    for other in ({"error": "Servable not found"}, {"model_version_status": 3}):
+        assert orjson.loads(codec.status_not_ready(orjson.dumps(other))) == other

@@ -18,8 +18,9 @@ from pathlib import Path
 import orjson
 import pytest
 
-from sidecar.warmup.export import from_tfserving_warmup
-from tests.servers import MODELS_DIR, RedisServer, ServerExited, TritonServer, wait_until
+from sidecar.protocols import tfserving_rest
+from sidecar.warmup.export import from_tfserving_warmup, to_tfserving_warmup
+from tests.servers import MODELS_DIR, KServeServer, RedisServer, ServerExited, TritonServer, wait_until
 from tests.sidecar_proc import SidecarProcess, http_status
 from tests.wire import exchange
 
@@ -235,3 +236,45 @@ def test_exports_load_as_the_model_servers_own_warm_up(cold_triton: TritonServer
     first.write_bytes(first.read_bytes()[:-1])
     with pytest.raises((ServerExited, TimeoutError)):
         TritonServer(repo, tmp_path / "t-bad", models=["identity_fp32"]).start(timeout=30)
+
+
+def model_ready(base: str) -> bool:
+    """KServe v1's model status (``{"name", "ready"}``); TF Serving's own: test_codec_tfserving_rest."""
+    return bool(orjson.loads(exchange(base, "GET", "/v1/models/tfmodel").body)["ready"])
+
+
+def test_tfserving_upstream_is_warmed_from_records_and_a_savedmodel(kserve: KServeServer, tmp_path: Path) -> None:
+    """TF Serving's REST API (a real KServe ModelServer): recorded calls and a SavedModel's own warm-up
+    file are replayed; while not warm, the data port shows the model not ready."""
+    store = str(tmp_path / "tf.db")
+    args = ["--store", store, *FAST, "--set", f"upstream.models={kserve.model}"]
+    with SidecarProcess(kserve.url, tmp_path, "tfserving", args) as recorder:
+        for body in ({"instances": [[1.0, 2.0]]}, {"instances": [[1.0, 2.0], [3.0, 4.0]]}):
+            assert exchange(recorder.url, "POST", kserve.predict_path, orjson.dumps(body), JSON).status == 200
+    savedmodel = tmp_path / "models" / "tfmodel" / "1"  # TF Serving's layout: <model base path>/<version>
+    (savedmodel / "assets.extra").mkdir(parents=True)
+    seed = tfserving_rest.decode_request("tfmodel", "", "", "predict", b'{"inputs": {"x": [[5.0, 6.0, 7.0]]}}')
+    (savedmodel / "assets.extra" / "tf_serving_warmup_requests").write_bytes(to_tfserving_warmup([seed], "").data)
+    refused = tmp_path / "seeds" / "tfmodel"
+    refused.mkdir(parents=True)
+    (refused / "refused.json").write_bytes(b'{"instances": [["not a number"]]}')  # KServe answers 400
+
+    # With a call the server refuses and warmup.require_complete, the pod stays not ready.
+    strict = [*args, "--set", f"warmup.savedmodel={savedmodel}", "--set", f"warmup.seeds={refused.parent}",
+              "--set", "warmup.require_complete=true"]
+    with SidecarProcess(kserve.url, tmp_path, "tfserving", strict, wait="listening") as sidecar:
+        report = wait_until(lambda: status(sidecar)["last_warmup"], 30, "a finished warm-up")
+        assert not report["complete"] and "HTTP 400" in report["errors"][0], report
+        kinds = {c["kind"] for m in status(sidecar)["plan"] for c in m["calls"]}
+        assert kinds == {"recorded", "seed"}
+        assert sum(g["converged"] for g in report["groups"]) == 3  # 2 recorded shapes + the SavedModel's
+        assert status(sidecar)["state"] == "warming"
+        assert http_status(sidecar.admin_url + "/readyz") == 503
+        assert model_ready(kserve.url) and not model_ready(sidecar.url)
+    # Without require_complete the refused call is reported, and the pod becomes ready.
+    with SidecarProcess(kserve.url, tmp_path, "tfserving", strict[:-2]) as sidecar:
+        assert status(sidecar)["last_warmup"]["reason"] == "1 call(s) failed"
+        assert model_ready(sidecar.url)
+        metrics = exchange(sidecar.admin_url, "GET", "/metrics").body.decode()
+        assert 'sidecar_warmup_replayed_total{model="tfmodel",outcome="error"} 1.0' in metrics
+        assert "sidecar_warmup_incomplete_total 1.0" in metrics

@@ -24,7 +24,7 @@ from ..headers import REQUEST_ID, end_to_end
 from ..metrics import Metrics
 from ..pipeline.stage import Call, Next, Reply
 from ..pipeline.upstream import UpstreamClient
-from ..protocols import dispatch
+from ..protocols import dispatch, tfserving_rest
 from ..state import StateMachine
 
 log = logging.getLogger("sidecar.http")
@@ -204,24 +204,11 @@ class HttpFront:
         return None
 
     async def _tf_status_not_ready(self, request: web.BaseRequest) -> web.StreamResponse:
-        """TF Serving's model status, with AVAILABLE versions shown as LOADING while warming."""
+        """TF Serving's model status, shown not ready while the pod warms."""
         async with self.client.open_stream("GET", request.path_qs, [], None) as upstream:
             body = await upstream.read()
-            headers = end_to_end(upstream.headers.items())
-            status = upstream.status
-        try:
-            doc = orjson.loads(body)
-            for version in doc.get("model_version_status", []):
-                if version.get("state") == "AVAILABLE":
-                    version["state"] = "LOADING"
-            body = orjson.dumps(doc)
-        except (orjson.JSONDecodeError, AttributeError, TypeError):
-            pass  # not a status document: pass it on unchanged
-        response = web.Response(status=status, body=body)
-        response.headers.popall("Content-Type", None)
-        for k, v in headers:
-            response.headers.add(k, v)
-        return response
+            reply = Reply(upstream.status, end_to_end(upstream.headers.items()), tfserving_rest.status_not_ready(body))
+        return _to_response(reply)
 
     async def _pass_through(self, request: web.BaseRequest, request_id: str, stamp: Stamp) -> web.StreamResponse:
         limit = self.cfg.limits.max_body_bytes

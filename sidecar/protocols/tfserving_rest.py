@@ -106,6 +106,24 @@ def row_format(req: InferenceRequest) -> bool:
     return thaw_params(req.parameters).get(FORMAT_PARAM) == ROW
 
 
+def status_not_ready(body: bytes) -> bytes:
+    """A model status document (``GET /v1/models/{m}``) saying not ready: AVAILABLE versions shown as
+    LOADING; KServe v1's ``"ready": true`` as false. Anything else comes back unchanged."""
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return body
+    if not isinstance(doc, dict):
+        return body
+    versions = doc.get("model_version_status")
+    for version in versions if isinstance(versions, list) else []:
+        if isinstance(version, dict) and version.get("state") == "AVAILABLE":
+            version["state"] = "LOADING"
+    if doc.get("ready") is True:
+        doc["ready"] = False
+    return orjson.dumps(doc)
+
+
 def error_body(message: str) -> bytes:
     """TF Serving's error shape: ``{"error": "..."}``."""
     return orjson.dumps({"error": message})

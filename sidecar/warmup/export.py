@@ -116,25 +116,27 @@ def _examples_input(req: InferenceRequest, params: dict[str, Any]) -> input_pb2.
     return out
 
 
-def from_tfserving_warmup(blob: bytes) -> Converted:
-    """The records as canonical TF Serving REST requests. Bad framing raises ValueError; a record
-    that cannot be read or has no REST equivalent (multi-inference, streamed) is skipped, with why."""
+def from_tfserving_warmup(blob: bytes, model: str = "") -> Converted:
+    """The records as canonical TF Serving REST requests; ``model`` names those whose model_spec has no
+    name (TF Serving runs a SavedModel's records against that model whatever they name). Bad framing
+    raises ValueError; a record that cannot be read or has no REST equivalent (multi-inference,
+    streamed) is skipped, with why."""
     out = Converted()
     for i, raw in enumerate(tfrecord.read_records(blob)):
         try:
-            out.requests.append(request_of(prediction_log_pb2.PredictionLog.FromString(raw)))
+            out.requests.append(request_of(prediction_log_pb2.PredictionLog.FromString(raw), model))
         except (ValueError, ProtobufDecodeError) as e:
             out.skipped.append(f"record {i}: {e}")
     return out
 
 
-def request_of(log: prediction_log_pb2.PredictionLog) -> InferenceRequest:
+def request_of(log: prediction_log_pb2.PredictionLog, model: str = "") -> InferenceRequest:
     kind = log.WhichOneof("log_type")
     if kind == "predict_log":
         predict = log.predict_log.request
         inputs = tuple(from_tensor_proto(n, predict.inputs[n]) for n in sorted(predict.inputs))
         outputs = tuple(RequestedOutput(n) for n in predict.output_filter)
-        return _request(predict.model_spec, "predict", {rest.FORMAT_PARAM: rest.COLUMNAR}, inputs, outputs)
+        return _request(predict.model_spec, model, "predict", {rest.FORMAT_PARAM: rest.COLUMNAR}, inputs, outputs)
     if kind in ("classify_log", "regress_log"):
         request = log.classify_log.request if kind == "classify_log" else log.regress_log.request
         params: dict[str, Any] = {}
@@ -149,20 +151,20 @@ def request_of(log: prediction_log_pb2.PredictionLog) -> InferenceRequest:
         if not examples:
             raise ValueError(f"{kind}: no examples")
         method = "classify" if kind == "classify_log" else "regress"
-        return _request(request.model_spec, method, params, (examples_tensor(examples),), ())
+        return _request(request.model_spec, model, method, params, (examples_tensor(examples),), ())
     raise ValueError(f"{kind or 'an empty log'} has no REST equivalent")
 
 
-def _request(spec: model_pb2.ModelSpec, method: str, params: dict[str, Any], inputs: tuple[Any, ...],
+def _request(spec: model_pb2.ModelSpec, model: str, method: str, params: dict[str, Any], inputs: tuple[Any, ...],
              outputs: tuple[RequestedOutput, ...]) -> InferenceRequest:
-    if not spec.name:
+    if not (spec.name or model):
         raise ValueError("model_spec.name is empty")
     if spec.signature_name:
         params[rest.SIGNATURE_PARAM] = spec.signature_name
     if spec.WhichOneof("version_choice") == "version_label":
         params[rest.LABEL_PARAM] = spec.version_label
     version = str(spec.version.value) if spec.HasField("version") else ""
-    return InferenceRequest(Protocol.TFSERVING_REST, spec.name, version, method, inputs, outputs,
+    return InferenceRequest(Protocol.TFSERVING_REST, spec.name or model, version, method, inputs, outputs,
                             freeze_params(params))
 
 

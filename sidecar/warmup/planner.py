@@ -199,8 +199,10 @@ def _savedmodel_requests(savedmodel: Path) -> list[InferenceRequest]:
     from .export import from_tfserving_warmup
 
     warmup_file = savedmodel / "assets.extra" / "tf_serving_warmup_requests"
+    # TF Serving's layout is <base path named for the model>/<version>/; records naming no model are its.
+    model = savedmodel.resolve().parent.name if savedmodel.name.isdigit() else savedmodel.resolve().name
     try:
-        imported = from_tfserving_warmup(warmup_file.read_bytes())
+        imported = from_tfserving_warmup(warmup_file.read_bytes(), model)
     except (OSError, ValueError) as e:
         log.warning("SavedModel warm-up file %s unreadable: %s", warmup_file, e)
         return []
