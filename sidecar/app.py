@@ -48,10 +48,10 @@ class Sidecar:
         self.warmer = Warmer(cfg, self.store, self.client, self.machine, self.metrics)
         self.monitor = UpstreamMonitor(self.client, cfg.upstream, self.machine, self.metrics, self.warmer)
         # The data path, in order. The upstream client is the terminal.
-        stages: list[Stage] = [Gate(cfg.gate, self.machine, self.metrics)]
+        self.stages: list[Stage] = [Gate(cfg.gate, self.machine, self.metrics)]
         if cfg.record.enabled:
-            stages.append(self.recorder)
-        self.pipeline = chain(stages, self.client.send)
+            self.stages.append(self.recorder)
+        self.pipeline = chain(self.stages, self.client.send)
         self.in_flight = InFlight(self.metrics)
         self.http = HttpFront(
             cfg, self.client, self.pipeline, self.metrics, self.in_flight, self.machine,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.config import keys, load
+from sidecar.config import keys, load, read_yaml
 from sidecar.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,3 +86,15 @@ def test_readme_documents_every_key() -> None:
     readme = (ROOT / "README.md").read_text()
     missing = [k.path for k in keys() if f"`{k.path}`" not in readme or k.env not in readme]
     assert not missing, f"README lacks these configuration keys: {missing}"
+
+
+def test_record_false_takes_the_recorder_out_of_the_pipeline(tmp_path: Path) -> None:
+    from sidecar.app import Sidecar
+
+    store = str(tmp_path / "t.db")
+    assert [s.name for s in Sidecar(load({"store": store}, {}, {})).stages] == ["gate", "recorder"]
+    config = tmp_path / "c.yaml"
+    config.write_text(f"store: {store}\nrecord: false\n")
+    cfg = load(read_yaml(str(config)), {}, {})
+    assert cfg.record.enabled is False
+    assert [s.name for s in Sidecar(cfg).stages] == ["gate"]
