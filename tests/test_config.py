@@ -98,3 +98,15 @@ def test_record_false_takes_the_recorder_out_of_the_pipeline(tmp_path: Path) -> 
     cfg = load(read_yaml(str(config)), {}, {})
     assert cfg.record.enabled is False
     assert [s.name for s in Sidecar(cfg).stages] == ["gate"]
+
+
+def test_readme_documents_every_metric() -> None:
+    from sidecar.metrics import Metrics
+
+    lines = Metrics().render().decode().splitlines()
+    # prometheus_client adds a *_created series to each unlabelled counter: its own, not ours to document.
+    exported = {line.split()[2] for line in lines if line.startswith("# TYPE") and not line.split()[2].endswith(
+        "_created")}
+    readme = (ROOT / "README.md").read_text()
+    missing = sorted(name for name in exported if f"`{name}`" not in readme)
+    assert exported and not missing, f"README lacks these metrics: {missing}"

@@ -67,6 +67,7 @@ class AdminFront:
             "progress": round(m.progress, 3),
             "upstream": {"url": self.monitor.client.base, "protocol": self.monitor.protocol or "detecting",
                          "health": self.monitor.last.value},
+            "store": self.warmer.planner.store.describe(),
             "warmups_run": self.warmer.runs,
             "plan": [
                 {"model": mp.model, "share": round(mp.share, 4), "max_batch": mp.max_batch,
@@ -89,6 +90,7 @@ class AdminFront:
             f"state:    {data['state']} for {data['since_seconds']:.1f} s ({data['reason']})",
             f"progress: {data['progress']:.0%}",
             f"upstream: {up['url']} ({up['protocol']}), {up['health']}",
+            f"memory:   {data['store']}",
             f"warm-ups: {data['warmups_run']} run since start",
             "",
             self.warmer.plan.render().rstrip(),
