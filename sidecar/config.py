@@ -165,6 +165,9 @@ class GateConfig:
         default=30.0, metadata=_key("seconds a held request waits for warm before it is forwarded", _positive)
     )
     retry_after: float = field(default=5.0, metadata=_key("Retry-After seconds on a rejected request", _positive))
+    max_held: int = field(
+        default=1000, metadata=_key("most calls held at once under hold; more are rejected with 503", _positive)
+    )
 
 
 @dataclass(frozen=True)

@@ -21,18 +21,23 @@ class Gate:
         self.cfg = cfg
         self.machine = machine
         self.metrics = metrics
+        self.held = 0
 
     def __repr__(self) -> str:
-        return f"<Gate policy={self.cfg.policy} state={self.machine.state}>"
+        return f"<Gate policy={self.cfg.policy} state={self.machine.state} held={self.held}/{self.cfg.max_held}>"
 
     async def __call__(self, call: Call, next: Next) -> Reply:
         state = self.machine.state
         # DRAINING still serves what arrives: the listener is closed, so these are in flight already.
         if state is State.WARM or state is State.DRAINING or self.cfg.policy == "forward":
             return await next(call)
-        if self.cfg.policy == "reject":
+        if self.cfg.policy == "reject" or self.held >= self.cfg.max_held:
             self.metrics.gated.labels("rejected").inc()
             raise Overloaded(f"model server is {state.value}, not warm yet; retry later", self.cfg.retry_after)
         self.metrics.gated.labels("held").inc()
-        await self.machine.wait_until(lambda m: m.state in (State.WARM, State.DRAINING), self.cfg.hold_timeout)
+        self.held += 1
+        try:
+            await self.machine.wait_until(lambda m: m.state in (State.WARM, State.DRAINING), self.cfg.hold_timeout)
+        finally:
+            self.held -= 1  # a caller that gave up while held frees its place
         return await next(call)
