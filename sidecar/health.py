@@ -46,6 +46,9 @@ class UpstreamMonitor:
         self.warmer = warmer
         self.protocol = cfg.protocol if cfg.protocol != "auto" else ""
         self.last = Health.DOWN
+        # What the server has loaded, (model, version) pairs; None until first seen ready.
+        self.loaded: frozenset[tuple[str, str]] | None = None
+        self._new_load = ""
         self._poke = asyncio.Event()
         self._warming: asyncio.Task[None] | None = None
 
@@ -90,6 +93,9 @@ class UpstreamMonitor:
     async def _check_triton(self, timeout: float) -> Health:
         status, _ = await self.client.probe("/v2/health/ready", timeout)
         if status == 200:
+            status, index = await self.client.probe("/v2/repository/index", timeout, "POST")
+            if status == 200:  # the repository API may be disabled: then loads are not tracked
+                self._observe_loaded(ready_versions(index))
             return Health.READY
         live, _ = await self.client.probe("/v2/health/live", timeout)
         return Health.LIVE if live == 200 else Health.DOWN
@@ -99,16 +105,33 @@ class UpstreamMonitor:
             # TF Serving has no server-wide health path: any answer means it is up.
             await self.client.probe("/v1/models/_sidecar_probe", timeout)
             return Health.READY
+        loaded: set[tuple[str, str]] = set()
         for model in self.cfg.models:
             status, body = await self.client.probe(f"/v1/models/{model}", timeout)
             if status != 200 or not model_available(body):
                 return Health.LIVE
+            loaded.update((model, version) for version in available_versions(body))
+        self._observe_loaded(frozenset(loaded))
         return Health.READY
+
+    def _observe_loaded(self, loaded: frozenset[tuple[str, str]]) -> None:
+        """A model version the server did not have before is cold, even if the server never went down
+        (Triton's repository polling or load API, a TF Serving version roll-over)."""
+        new = loaded - self.loaded if self.loaded is not None else frozenset()
+        if new:
+            self._new_load = ", ".join(f"{m} version {v}" for m, v in sorted(new))
+        self.loaded = loaded
 
     def apply(self, health: Health) -> None:
         self.last = health
         self.metrics.upstream_ready.set(1 if health is Health.READY else 0)
         m = self.machine
+        if health is not Health.READY:
+            self.loaded = None  # a restarted server is cold anyway: what it loads next is not "new"
+        elif self._new_load and m.state in (State.WARMING, State.WARM):
+            m.to(State.COLD, f"model server loaded {self._new_load}")
+            self._cancel_warming()
+        self._new_load = ""
         if health is Health.DOWN:
             m.to(State.COLD if m.state in (State.WARMING, State.WARM, State.LOADING) else State.STARTING,
                  "model server not answering")
@@ -131,6 +154,25 @@ class UpstreamMonitor:
             self.machine.to(State.WARM, "warm-up complete")
         else:
             self.machine.reason = "warm-up incomplete and warmup.require_complete is set"
+
+
+def ready_versions(index: object) -> frozenset[tuple[str, str]]:
+    """Triton's ``POST /v2/repository/index``: the (model, version) pairs that are READY."""
+    if not isinstance(index, list):
+        return frozenset()
+    return frozenset(
+        (str(entry.get("name")), str(entry.get("version", "")))
+        for entry in index
+        if isinstance(entry, dict) and entry.get("state") == "READY"
+    )
+
+
+def available_versions(body: object) -> list[str]:
+    """TF Serving's status: the versions AVAILABLE (none listed for KServe v1's ``{"ready": ...}``)."""
+    states = body.get("model_version_status") if isinstance(body, dict) else None
+    if not isinstance(states, list):
+        return []
+    return [str(s.get("version")) for s in states if isinstance(s, dict) and s.get("state") == "AVAILABLE"]
 
 
 def model_available(body: object) -> bool:

@@ -278,3 +278,20 @@ def test_tfserving_upstream_is_warmed_from_records_and_a_savedmodel(kserve: KSer
         metrics = exchange(sidecar.admin_url, "GET", "/metrics").body.decode()
         assert 'sidecar_warmup_replayed_total{model="tfmodel",outcome="error"} 1.0' in metrics
         assert "sidecar_warmup_incomplete_total 1.0" in metrics
+
+
+def test_a_model_loaded_into_a_running_triton_is_warmed_too(cold_triton: TritonServer, tmp_path: Path) -> None:
+    """Triton never went down, but a model version it did not have is cold: the sidecar re-warms."""
+    store = str(tmp_path / "traffic.db")
+    with SidecarProcess(cold_triton.url, tmp_path, "triton", ["--store", store, *FAST]) as sidecar:
+        assert status(sidecar)["warmups_run"] == 1
+        assert send(sidecar.url, "identity_fp32", infer_body(2, 1.0)) == 200
+        assert exchange(cold_triton.url, "POST", "/v2/repository/models/add_sub/load").status == 200
+        wait_until(lambda: status(sidecar)["warmups_run"] == 2 and status(sidecar)["state"] == "warm", 30,
+                   "a second warm-up after the load")
+        # Triton may stall its HTTP port while it loads (then the probe times out: "not answering");
+        # if it does not, the new version in its repository index is what moves the state.
+        assert re.search(r"state warm -> cold: model server (not answering|loaded add_sub version 1)",
+                         sidecar.log_path.read_text())
+        # The second warm-up replayed what was recorded in between.
+        assert batch_counts(cold_triton, "identity_fp32").get(2, 0) >= 3

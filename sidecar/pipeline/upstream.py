@@ -111,10 +111,10 @@ class UpstreamClient:
         ) as resp:
             yield resp
 
-    async def probe(self, path: str, timeout: float) -> tuple[int, Any]:
-        """GET a health/status path; (status, parsed JSON or None). Raises on no answer."""
+    async def probe(self, path: str, timeout: float, method: str = "GET") -> tuple[int, Any]:
+        """A health/status call without a body; (status, parsed JSON or None). Raises on no answer."""
         t = aiohttp.ClientTimeout(total=timeout)
-        async with _mapped_errors(None, timeout), self.session.get(self.base + path, timeout=t) as resp:
+        async with _mapped_errors(None, timeout), self.session.request(method, self.base + path, timeout=t) as resp:
             body = await resp.read()
         try:
             import orjson

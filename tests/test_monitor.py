@@ -1,0 +1,76 @@
+"""The upstream monitor's decisions, in-process: which health answers move the state machine where.
+
+The probes themselves run against real servers in test_warmup.py; here the monitor is handed the
+outcome of a probe, so each rule is checked on its own.
+"""
+
+from __future__ import annotations
+
+from sidecar.config import UpstreamConfig
+from sidecar.health import Health, UpstreamMonitor, available_versions, ready_versions
+from sidecar.metrics import Metrics
+from sidecar.pipeline.upstream import UpstreamClient
+from sidecar.state import State, StateMachine
+
+
+def monitor() -> tuple[UpstreamMonitor, list[str], list[str]]:
+    """A monitor whose warm-ups succeed at once; ``warmed`` lists them, ``changes`` the transitions."""
+    warmed: list[str] = []
+    changes: list[str] = []
+
+    async def warmer(protocol: str) -> bool:
+        warmed.append(protocol)
+        return True
+
+    cfg = UpstreamConfig()
+    metrics = Metrics()
+    machine = StateMachine(on_change=lambda state: changes.append(f"{state.value}: {machine.reason}"))
+    return UpstreamMonitor(UpstreamClient(cfg, metrics), cfg, machine, metrics, warmer), warmed, changes
+
+
+async def settle(m: UpstreamMonitor) -> None:
+    if m._warming is not None:
+        await m._warming
+
+
+async def test_a_newly_loaded_version_makes_a_warm_pod_rewarm() -> None:
+    m, warmed, changes = monitor()
+    m._observe_loaded(frozenset({("a", "1")}))
+    m.apply(Health.READY)
+    await settle(m)
+    assert m.machine.state is State.WARM and len(warmed) == 1
+    m._observe_loaded(frozenset({("a", "1")}))  # nothing new: stays warm
+    m.apply(Health.READY)
+    assert m.machine.state is State.WARM
+    m._observe_loaded(frozenset({("a", "2")}))  # version 2 rolled in, version 1 out
+    changes.clear()
+    m.apply(Health.READY)
+    assert changes == ["cold: model server loaded a version 2", "warming: model server ready"]
+    await settle(m)
+    assert m.machine.state is State.WARM and len(warmed) == 2
+    m._observe_loaded(frozenset())  # an unload makes nothing cold
+    m.apply(Health.READY)
+    assert m.machine.state is State.WARM and len(warmed) == 2
+
+
+async def test_after_a_restart_what_loads_is_not_counted_twice() -> None:
+    m, warmed, _ = monitor()
+    m._observe_loaded(frozenset({("a", "1")}))
+    m.apply(Health.READY)
+    await settle(m)
+    m.apply(Health.DOWN)
+    assert m.machine.state is State.COLD
+    m._observe_loaded(frozenset({("a", "1"), ("b", "1")}))
+    m.apply(Health.READY)
+    await settle(m)
+    assert m.machine.state is State.WARM and len(warmed) == 2  # one re-warm for the restart, not two
+
+
+def test_version_lists_from_the_servers_own_documents() -> None:
+    index = [{"name": "a", "version": "1", "state": "READY"}, {"name": "b", "version": "1", "state": "UNAVAILABLE"},
+             {"name": "c", "state": "READY"}, "junk"]
+    assert ready_versions(index) == {("a", "1"), ("c", "")}
+    assert ready_versions({"error": "x"}) == frozenset()
+    status = {"model_version_status": [{"version": "2", "state": "AVAILABLE"}, {"version": "1", "state": "END"}]}
+    assert available_versions(status) == ["2"]
+    assert available_versions({"name": "m", "ready": True}) == []
