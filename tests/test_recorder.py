@@ -83,3 +83,14 @@ async def test_bodies_over_the_limit_are_counted_but_not_kept(tmp_path: Path) ->
     assert await store.top("m", 10) == []  # nothing to replay
     assert [(shape, batch, round(w, 3)) for shape, batch, w in await store.shapes("m")] == [("X:FP32[1,2]", 1, 1.0)]
     await store.close()
+
+
+async def test_memory_between_flushes_is_bounded_by_the_sketch(tmp_path: Path) -> None:
+    rec, store, _ = recorder(tmp_path)
+    for i in range(500):  # 500 distinct calls, capacity 64, no flush in between
+        await rec(call("m", float(i)), answer(200))  # type: ignore[arg-type]
+        rec._observe(rec._queue.get_nowait())
+    memory = rec._models["m"]
+    assert len(memory.meta) <= 64 and set(memory.meta) == {k for k, _, _ in memory.sketch.items()}
+    await rec.close()
+    await store.close()

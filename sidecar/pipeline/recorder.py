@@ -77,7 +77,10 @@ class Recorder:
         memory = self._models.get(req.model)
         if memory is None:
             memory = self._models[req.model] = _ModelMemory(self.capacity)
-        memory.sketch.offer(key)
+        evicted = memory.sketch.offer(key)
+        if evicted is not None:
+            # Between flushes only the sketch's keys keep their payloads: memory stays bounded by capacity.
+            memory.meta.pop(evicted, None)
         if key not in memory.meta:
             memory.meta[key] = (shape_signature(req), batch_size(req), self._payload_for(key, call))
         self.metrics.recorded.inc()
