@@ -40,11 +40,13 @@ class Sidecar:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.metrics = Metrics()
-        self.machine = StateMachine(on_change=self._state_changed)
-        self._state_changed(self.machine.state)
+        self.machine = StateMachine()
+        self.metrics.watch_state([s.value for s in State], lambda: self.machine.state.value,
+                                 lambda: self.machine.progress)
         self.client = UpstreamClient(cfg.upstream, self.metrics)
-        self.store = open_store(cfg.store, store_limits(cfg))
-        self.recorder = Recorder(cfg.record, self.store, self.metrics, store_limits(cfg).capacity)
+        limits = store_limits(cfg)
+        self.store = open_store(cfg.store, limits)
+        self.recorder = Recorder(cfg.record, self.store, self.metrics, limits.capacity)
         self.warmer = Warmer(cfg, self.store, self.client, self.machine, self.metrics)
         self.monitor = UpstreamMonitor(self.client, cfg.upstream, self.machine, self.metrics, self.warmer)
         # The data path, in order. The upstream client is the terminal.
@@ -60,10 +62,6 @@ class Sidecar:
         self.admin = AdminFront(self.machine, self.metrics, self.monitor, self.warmer)
         self._runners: list[web.BaseRunner] = []
         self._tasks: list[asyncio.Task[None]] = []
-
-    def _state_changed(self, state: State) -> None:
-        self.metrics.set_state(state.value, [x.value for x in State])
-        self.metrics.warmup_progress.set(self.machine.progress)
 
     def __repr__(self) -> str:
         return f"<Sidecar {self.machine.state} listen={self.cfg.listen} upstream={self.client.base}>"

@@ -85,8 +85,7 @@ class UpstreamMonitor:
             return Health.DOWN
 
     async def _detect(self, timeout: float) -> str:
-        status, _ = await self.client.probe("/v2/health/live", timeout)
-        protocol = "triton" if status == 200 else "tfserving"
+        protocol = await detect_protocol(self.client, timeout)
         log.info("upstream protocol detected: %s", protocol)
         return protocol
 
@@ -154,6 +153,12 @@ class UpstreamMonitor:
             self.machine.to(State.WARM, "warm-up complete")
         else:
             self.machine.reason = "warm-up incomplete and warmup.require_complete is set"
+
+
+async def detect_protocol(client: UpstreamClient, timeout: float) -> str:
+    """``triton`` when ``/v2/health/live`` answers 200, else ``tfserving``; raises when nothing answers."""
+    status, _ = await client.probe("/v2/health/live", timeout)
+    return "triton" if status == 200 else "tfserving"
 
 
 def ready_versions(index: object) -> frozenset[tuple[str, str]]:

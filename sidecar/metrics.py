@@ -6,6 +6,7 @@ Label children are cached so the hot path does a dict lookup, not a
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -66,9 +67,14 @@ class Metrics:
         self._upstream_children: dict[tuple[str, str], Any] = {}
         self._models: set[str] = set()
 
-    def set_state(self, current: str, states: list[str]) -> None:
+    def watch_state(self, states: list[str], current: Callable[[], str], progress: Callable[[], float]) -> None:
+        """The state gauges are read from the state machine at scrape time: no second copy to keep in step."""
+        def one_if(name: str) -> Callable[[], float]:
+            return lambda: 1.0 if current() == name else 0.0
+
         for name in states:
-            self.state.labels(name).set(1 if name == current else 0)
+            self.state.labels(name).set_function(one_if(name))
+        self.warmup_progress.set_function(progress)
 
     def model_label(self, model: str) -> str:
         """Model names come from callers: cap how many label values they can mint."""

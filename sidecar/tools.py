@@ -13,12 +13,12 @@ from pathlib import Path
 
 from .app import store_limits
 from .config import Config
-from .errors import DecodeError, SidecarError
+from .errors import SidecarError
+from .health import detect_protocol
 from .metrics import Metrics
 from .pipeline.upstream import UpstreamClient
 from .protocols.request import InferenceRequest, Protocol
 from .state import StateMachine
-from .warmup import payload
 from .warmup.export import Signature
 from .warmup.store import open_store
 from .warmup.tftensor import dtype_name
@@ -40,7 +40,7 @@ async def _warmer(cfg: Config) -> AsyncIterator[Warmer]:
 async def print_plan(cfg: Config) -> int:
     async with _warmer(cfg) as warmer:
         plan = await warmer.planner.build(await _upstream_protocol(cfg, warmer.client))
-    print(f"store: {cfg.store if '@' not in cfg.store else '(redis)'}; upstream: {cfg.upstream.url}")
+    print(f"store: {warmer.planner.store.describe()}; upstream: {cfg.upstream.url}")
     print(plan.render(), end="")
     for model in plan.models:
         print(f"\n{model.model}:")
@@ -54,15 +54,14 @@ async def _upstream_protocol(cfg: Config, client: UpstreamClient) -> str:
     if cfg.upstream.protocol != "auto":
         return cfg.upstream.protocol
     try:
-        status, _ = await client.probe("/v2/health/live", 5.0)
+        return await detect_protocol(client, 5.0)
     except SidecarError:
         return "triton"
-    return "triton" if status == 200 else "tfserving"
 
 
 async def export_warmup(cfg: Config, fmt: str, model: str, out: str, max_batch: int | None) -> int:
     async with _warmer(cfg) as warmer:
-        requests = await _recorded_requests(warmer, model, cfg.record.top_n)
+        requests = [call.request for call in await warmer.planner.recorded(model)]
         if fmt == "triton" and max_batch is None:
             max_batch = await warmer.max_batch_of(model, Protocol.KSERVE_HTTP)
         signatures = await _tf_signatures(warmer.client, model) if fmt == "tfserving" else {}
@@ -126,9 +125,3 @@ async def _tf_signatures(client: UpstreamClient, model: str) -> dict[str, Signat
         return {}
 
 
-async def _recorded_requests(warmer: Warmer, model: str, n: int) -> list[InferenceRequest]:
-    out = []
-    for stored in await warmer.planner.store.top(model, n):
-        with contextlib.suppress(ValueError, DecodeError):
-            out.append(payload.decode(stored.payload).to_request())
-    return out

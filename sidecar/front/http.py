@@ -33,22 +33,6 @@ BINARY_HEADER = "inference-header-content-length"
 STATE_HEADER = "x-sidecar-state"
 _MODEL_READY = re.compile(r"/v2/models/[^/]+(?:/versions/[^/]+)?/ready")
 _TF_STATUS = re.compile(r"/v1/models/[^/:]+(?:/versions/[^/:]+|/labels/[^/:]+)?")
-
-
-class Stamp:
-    """The sidecar's own response headers; the state is read when the response is built."""
-
-    __slots__ = ("machine", "request_id")
-
-    def __init__(self, request_id: str, machine: StateMachine) -> None:
-        self.request_id = request_id
-        self.machine = machine
-
-    def apply(self, response: web.StreamResponse) -> web.StreamResponse:
-        if not response.prepared:
-            response.headers[REQUEST_ID] = self.request_id
-            response.headers[STATE_HEADER] = self.machine.state.value
-        return response
 STREAM_CHUNK = 256 * 1024
 
 
@@ -126,7 +110,6 @@ class HttpFront:
         route = dispatch.match(request.path) if request.method == "POST" else None
         label = route.method if route else dispatch.route_label(request.path)
         model = route.model if route else ""
-        stamp = Stamp(request_id, self.machine)
         self.in_flight.enter()
         status = 500
         try:
@@ -136,24 +119,31 @@ class HttpFront:
                     answer := await self._not_ready_answer(request)) is not None:
                 response = answer
             else:
-                response = await self._pass_through(request, request_id, stamp)
+                response = await self._pass_through(request, request_id)
             status = response.status
-            return stamp.apply(response)
+            return self._stamp(response, request_id)
         except SidecarError as err:
             if isinstance(err, UpstreamUnavailable) and self.on_upstream_down is not None:
                 self.on_upstream_down()
             if isinstance(err, DecodeError):
                 self.metrics.decode_errors.labels(label).inc()
             status = err.http_status
-            return stamp.apply(error_response(err))
+            return self._stamp(error_response(err), request_id)
         except Exception:
             # A bug here must still answer in the upstream's error shape; the log holds the
             # traceback (never the payload).
             log.exception("internal error handling %s %s", request.method, request.path)
-            return stamp.apply(error_response(SidecarError("internal sidecar error")))
+            return self._stamp(error_response(SidecarError("internal sidecar error")), request_id)
         finally:
             self.in_flight.leave()
             self.metrics.observe_request(label, model, status, time.perf_counter() - started)
+
+    def _stamp(self, response: web.StreamResponse, request_id: str) -> web.StreamResponse:
+        """The sidecar's own headers; the state is read as the response goes out."""
+        if not response.prepared:
+            response.headers[REQUEST_ID] = request_id
+            response.headers[STATE_HEADER] = self.machine.state.value
+        return response
 
     async def _read_body(self, request: web.BaseRequest) -> bytes:
         limit = self.cfg.limits.max_body_bytes
@@ -210,7 +200,7 @@ class HttpFront:
             reply = Reply(upstream.status, end_to_end(upstream.headers.items()), tfserving_rest.status_not_ready(body))
         return _to_response(reply)
 
-    async def _pass_through(self, request: web.BaseRequest, request_id: str, stamp: Stamp) -> web.StreamResponse:
+    async def _pass_through(self, request: web.BaseRequest, request_id: str) -> web.StreamResponse:
         limit = self.cfg.limits.max_body_bytes
         if request.content_length is not None and request.content_length > limit:
             raise PayloadTooLarge(f"request body of {request.content_length} bytes exceeds the limit of {limit}")
@@ -222,7 +212,7 @@ class HttpFront:
             response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
             for k, v in end_to_end(upstream.headers.items()):
                 response.headers.add(k, v)
-            stamp.apply(response)
+            self._stamp(response, request_id)
             if upstream.content_length is not None:
                 response.content_length = upstream.content_length
             await response.prepare(request)

@@ -113,9 +113,9 @@ class Recorder:
             for key, _ in sorted(self._payload_sent.items(), key=lambda kv: kv[1])[: len(self._payload_sent) // 2]:
                 del self._payload_sent[key]
         if samples:
-            dropped = getattr(self.store, "dropped", 0)
+            dropped = self.store.dropped
             await self.store.add(samples)
-            if getattr(self.store, "dropped", 0) != dropped:
+            if self.store.dropped != dropped:
                 # The store was unreachable: payloads must go again next time.
                 for sample in samples:
                     self._payload_sent.pop(sample.key, None)

@@ -97,7 +97,7 @@ class Planner:
         return plan
 
     async def _model_plan(self, model: str, share: float, seeds: list[PlannedCall], protocol: Protocol) -> ModelPlan:
-        recorded = await self._recorded(model)
+        recorded = await self.recorded(model)
         base = recorded + seeds
         max_batch = await self.max_batch_of(model, protocol) or 0
         plan = ModelPlan(model, share, max_batch, base)
@@ -106,7 +106,8 @@ class Planner:
             plan.calls.extend(sweep(base, histogram, min(max_batch, self.cfg.warmup.max_batch)))
         return plan
 
-    async def _recorded(self, model: str) -> list[PlannedCall]:
+    async def recorded(self, model: str) -> list[PlannedCall]:
+        """The top ``record.top_n`` recorded calls of ``model``, most frequent first; unreadable ones skipped."""
         calls = []
         for stored in await self.store.top(model, self.cfg.record.top_n):
             try:

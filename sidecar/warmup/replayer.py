@@ -60,14 +60,14 @@ class WarmupReport:
 
 class Replayer:
     def __init__(self, cfg: WarmupConfig, send: Send, metrics: Metrics, timeout: float,
-                 on_answer: OnAnswer | None = None) -> None:
+                 on_answer: OnAnswer | None = None, on_progress: Callable[[float], None] | None = None) -> None:
         self.cfg = cfg
         self.send = send
         self.metrics = metrics
         self.timeout = timeout
         self.on_answer = on_answer
         self.report = WarmupReport()
-        self.progress: Callable[[float], None] = lambda _p: None
+        self.on_progress = on_progress or (lambda _p: None)
 
     async def run(self, plan: Plan) -> WarmupReport:
         """Replay until converged, out of passes or out of budget (budget ignored with require_complete)."""
@@ -103,7 +103,7 @@ class Replayer:
             failed = {id(c) for c, lat in latencies if lat is None}
             live = [c for c in live if id(c) not in failed]
             self._record_pass(report, latencies)
-            self.progress(self._progress(report, len(calls)))
+            self.on_progress(_progress(report))
             if report.passes >= self.cfg.min_passes and all(
                 g.converged or not g.passes for g in report.groups.values()
             ):
@@ -165,9 +165,11 @@ class Replayer:
                 low, high = min(prev, last), max(prev, last)
                 group.converged = high <= ratio * low or high - low <= _NOISE_FLOOR
 
-    def _progress(self, report: WarmupReport, total_calls: int) -> float:
-        groups = [g for g in report.groups.values() if g.passes or g.failed]
-        if not groups:
-            return 0.0
-        done = sum(1.0 if g.converged or (g.failed and not g.passes) else 0.5 for g in groups)
-        return min(0.99, done / len(report.groups))
+
+def _progress(report: WarmupReport) -> float:
+    """Share of (model, shape) groups settled, a started one counting half; below 1 until WARM."""
+    groups = [g for g in report.groups.values() if g.passes or g.failed]
+    if not groups:
+        return 0.0
+    done = sum(1.0 if g.converged or (g.failed and not g.passes) else 0.5 for g in groups)
+    return min(0.99, done / len(report.groups))

@@ -27,8 +27,8 @@ class Warmer:
         self.machine = machine
         self.metrics = metrics
         self.planner = Planner(cfg, store, self.max_batch_of)
-        self.replayer = Replayer(cfg.warmup, client.send, metrics, cfg.upstream.timeout, on_answer)
-        self.replayer.progress = self._progress
+        self.replayer = Replayer(cfg.warmup, client.send, metrics, cfg.upstream.timeout, on_answer,
+                                 on_progress=self._progress)
         self.plan = Plan()
         self.report: WarmupReport | None = None
         self.runs = 0
@@ -49,8 +49,7 @@ class Warmer:
         return self.report.complete or not self.cfg.warmup.require_complete
 
     def _progress(self, value: float) -> None:
-        self.machine.progress = value
-        self.metrics.warmup_progress.set(value)
+        self.machine.progress = value  # the gauge reads it from there
 
     async def max_batch_of(self, model: str, protocol: Protocol) -> int | None:
         """The model's largest batch, from the model server's own metadata; None when unknown."""
