@@ -1,0 +1,1 @@
+"""Clients the sidecar uses to talk to the model server."""
