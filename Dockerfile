@@ -1,4 +1,5 @@
-# The sidecar image: add it as a second container next to an unmodified Triton or TF Serving.
+# The warm-sidecar image: `sidecar run` (the default: the sidecar next to Triton / TF Serving),
+# `sidecar inject` and `sidecar webhook` (the admission webhook, k8s/webhook) in one image.
 FROM python:3.11-slim AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
@@ -6,11 +7,20 @@ COPY sidecar ./sidecar
 RUN pip wheel --no-cache-dir --wheel-dir /wheels .
 
 FROM python:3.11-slim
-RUN useradd --uid 10001 --no-create-home sidecar
+# Byte code is compiled at install time: the sidecar runs with a read-only root filesystem.
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
 COPY --from=build /wheels /wheels
-RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
-USER 10001
-# 9000: data port (the model server's HTTP protocol); 9090: probes and /metrics.
-EXPOSE 9000 9090
-ENTRYPOINT ["sidecar", "run"]
-CMD ["--upstream", "http://127.0.0.1:8000", "--protocol", "auto", "--listen", "0.0.0.0:9000", "--admin", "0.0.0.0:9090"]
+RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels \
+    && useradd --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin sidecar
+# Numeric, so Kubernetes' runAsNonRoot can verify it without reading /etc/passwd.
+USER 10001:10001
+# 9000 HTTP data port, 9001 gRPC data port, 9090 admin (probes, /metrics, /status),
+# 9091 HAProxy agent-check.
+EXPOSE 9000 9001 9090 9091
+# No HEALTHCHECK: health belongs to Kubernetes' startup/readiness/liveness probes on the admin
+# port, which also know the difference between "starting", "warming" and "dead"; Kubernetes
+# ignores a Docker HEALTHCHECK, which would only add probe traffic.
+ENTRYPOINT ["sidecar"]
+# Every setting comes from SIDECAR_* environment variables (see k8s/) or flags after `run`;
+# the defaults listen on 0.0.0.0:9000 and :9090 in front of Triton on 127.0.0.1:8000.
+CMD ["run"]
