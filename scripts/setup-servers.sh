@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Prepare the real model servers the tests start (see DESIGN.md, "Real parts"):
+# Prepare the real model servers the tests start (see docs/architecture.md, "Real parts in tests"):
 #   .venv-triton  nvidia-pytriton (server binary only, --no-deps) + numpy for the python-backend stub
 #                 + torch (CPU build) for tests/models_torch (torch.compile, the genuinely cold model)
 #   .venv-kserve  kserve (KServe ModelServer, whose v1 protocol is TF Serving's REST row format)

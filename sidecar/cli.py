@@ -7,11 +7,13 @@ import asyncio
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from . import __version__
-from .config import Config, keys, load, read_yaml
+from .config import Config, keys, load, read_yaml, render_yaml
+from .deploy.cli import COMMANDS as DEPLOY_COMMANDS
+from .deploy.cli import add_parsers as add_deploy_parsers
 from .errors import ConfigError
 
 EXIT_CONFIG = 2
@@ -39,6 +41,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="tfserving: the tf_serving_warmup_requests file; triton: a directory")
     export.add_argument("--max-batch-size", type=int, default=None,
                         help="triton: the model's max_batch_size (default: asked from the upstream)")
+    add_deploy_parsers(sub)
     return p
 
 
@@ -79,6 +82,10 @@ def load_config(ns: argparse.Namespace) -> Config:
 
 def main(argv: Sequence[str] | None = None) -> int:
     ns = _parser().parse_args(argv)
+    if ns.command in DEPLOY_COMMANDS:  # Kubernetes tooling: no sidecar configuration to load
+        from .deploy.cli import run as run_deploy
+
+        return run_deploy(ns)
     try:
         cfg = load_config(ns)
     except ConfigError as e:
@@ -88,9 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
     if ns.command == "config":
-        for info in keys():
-            print(f"{info.path} = {_lookup(cfg, info.path)!r}")
-        return 0
+        return _print(render_yaml(cfg))
     if ns.command == "plan":
         from .tools import print_plan
 
@@ -102,22 +107,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     return _run(cfg)
 
 
-def _lookup(cfg: Config, path: str) -> Any:
-    obj: Any = cfg
-    for part in path.split("."):
-        obj = getattr(obj, part)
-    return obj
+def _print(text: str) -> int:
+    """Print, surviving a reader that went away (``sidecar config | head``)."""
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Python would complain again when it flushes stdout at exit: point it at nothing.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
 
 
 def _run(cfg: Config) -> int:
     from .app import serve
 
+    runner: Callable[[Coroutine[Any, Any, int]], int]
     try:
         import uvloop
 
-        return uvloop.run(serve(cfg))
+        runner = uvloop.run
     except ImportError:  # uvloop is a dependency; this only guards odd platforms
-        return asyncio.run(serve(cfg))
+        runner = asyncio.run
+    try:
+        return runner(serve(cfg))
+    except ConfigError as e:  # an unusable store path, a port taken: one line, exit 2
+        print(f"sidecar: {e.message}", file=sys.stderr)
+        return EXIT_CONFIG
     except OSError as e:
         print(f"sidecar: cannot start: {e}", file=sys.stderr)
         return 1

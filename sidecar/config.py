@@ -51,6 +51,16 @@ def _http_url(v: Any) -> str | None:
     return "an http:// or https:// URL with a host"
 
 
+def _restricted(v: Any) -> str | None:
+    from .front.restrict import parse
+
+    try:
+        parse(v)
+    except ValueError as e:
+        return f"API[,API...]:HEADER=VALUE separated by ';' ({e})"
+    return None
+
+
 def _key(help: str, check: Validator | None = None) -> dict[str, Any]:
     return {"help": help, "check": check}
 
@@ -94,6 +104,42 @@ class LimitsConfig:
         default=64 * 1024 * 1024,
         metadata=_key("largest request body accepted; larger gets 413 (suffixes KiB, MiB, GiB)", _positive),
     )
+    max_inflight_bytes: int = field(
+        default=512 * 1024 * 1024,
+        metadata=_key("request bodies held in memory at once; past it a call gets 503 with Retry-After", _positive),
+    )
+    max_answer_bytes: int = field(
+        default=256 * 1024 * 1024,
+        metadata=_key("largest model-server answer buffered on the inference path; larger gets 502", _positive),
+    )
+    inline_decode_bytes: int = field(
+        default=256 * 1024,
+        metadata=_key("inference bodies up to this size decode on the event loop; larger ones in a worker "
+                      "process, so probes never stall", _non_negative),
+    )
+    decode_workers: int = field(
+        default=1, metadata=_key("worker processes decoding large bodies (0: decode on the event loop)",
+                                 _non_negative),
+    )
+    max_connections: int = field(
+        default=0,
+        metadata=_key("most client connections on the data port at once; 0: the file-descriptor limit less "
+                      "a reserve for the admin port and the model server", _non_negative),
+    )
+    max_header_bytes: int = field(
+        default=64 * 1024, metadata=_key("largest request line plus header section; larger gets 431", _positive)
+    )
+    header_timeout: float = field(
+        default=10.0, metadata=_key("seconds a client has to send a request's whole header section", _positive)
+    )
+    body_timeout: float = field(
+        default=30.0,
+        metadata=_key("seconds a request body (or a client reading its answer) may stall before 408 / close",
+                      _positive),
+    )
+    keepalive_timeout: float = field(
+        default=75.0, metadata=_key("seconds an idle keep-alive client connection stays open", _positive)
+    )
 
 
 def _at_least(n: float) -> Validator:
@@ -126,6 +172,10 @@ class RecordConfig:
     flush_interval: float = field(
         default=2.0, metadata=_key("seconds between writes of aggregated counts to the store", _positive)
     )
+    queue_bytes: int = field(
+        default=64 * 1024 * 1024,
+        metadata=_key("request bytes waiting for the recorder; overflow is counted, not waited for", _positive),
+    )
 
 
 @dataclass(frozen=True)
@@ -152,6 +202,11 @@ class WarmupConfig:
         default=False, metadata=_key("stay not-ready until warm-up converges, however long it takes")
     )
     max_batch: int = field(default=64, metadata=_key("largest batch size the shape sweep builds", _positive))
+    retry_interval: float = field(
+        default=5.0,
+        metadata=_key("seconds before a warm-up that did not make the pod ready is tried again (doubling, "
+                      "at most 300)", _positive),
+    )
 
 
 @dataclass(frozen=True)
@@ -176,9 +231,19 @@ class Config:
     admin: str = field(
         default="0.0.0.0:9090", metadata=_key("admin port: probes, /metrics (HOST:PORT)", _host_port)
     )
+    shutdown_delay: float = field(
+        default=5.0,
+        metadata=_key("seconds after SIGTERM during which readiness fails but new connections are still "
+                      "served, so load balancers stop sending first", _non_negative),
+    )
     shutdown_grace: float = field(
         default=30.0,
-        metadata=_key("seconds in-flight requests may finish after SIGTERM", _non_negative),
+        metadata=_key("seconds in-flight requests may finish after the shutdown delay", _non_negative),
+    )
+    restricted_api: str = field(
+        default="",
+        metadata=_key("APIs of the data port that need a header, as Triton's --http-restricted-api: "
+                      "API[,API...]:HEADER=VALUE, several separated by ';'", _restricted),
     )
     log_level: str = field(
         default="info", metadata=_key("debug, info, warning or error", _one_of("debug", "info", "warning", "error"))
@@ -266,7 +331,8 @@ def _coerce(info: KeyInfo, raw: Any) -> Any:
 
 
 def _bad(info: KeyInfo, raw: Any, allowed: str) -> ConfigError:
-    return ConfigError(f"config key {info.path}: invalid value {raw!r}; allowed: {allowed}")
+    shown = mask(info.path, raw) if isinstance(raw, str) else raw
+    return ConfigError(f"config key {info.path}: invalid value {shown!r}; allowed: {allowed}")
 
 
 _SECTIONS_WITH_ENABLED = ("record", "warmup")
@@ -335,3 +401,34 @@ def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
         else:
             kwargs[f.name] = values[prefix + f.name]
     return cls(**kwargs)
+
+
+def render_yaml(cfg: Config) -> str:
+    """The effective configuration as YAML that ``--config`` reads back; credentials masked."""
+    import yaml
+
+    tree: dict[str, Any] = {}
+    for info in keys():
+        node = tree
+        *parents, leaf = info.path.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        value: Any = cfg
+        for part in info.path.split("."):
+            value = getattr(value, part)
+        node[leaf] = mask(info.path, list(value) if isinstance(value, tuple) else value)
+    text: str = yaml.safe_dump(tree, sort_keys=False, default_flow_style=False)
+    return text
+
+
+SECRET_KEYS = frozenset({"restricted_api"})
+_URL_CREDENTIALS = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<userinfo>[^@/]*)@", re.IGNORECASE)
+
+
+def mask(path: str, value: Any) -> Any:
+    """A value as it may be shown: passwords in URLs and secret settings replaced by ``***``."""
+    if not isinstance(value, str) or not value:
+        return value
+    if path in SECRET_KEYS:
+        return re.sub(r"=[^;]*", "=***", value)
+    return _URL_CREDENTIALS.sub(lambda m: f"{m['scheme']}***@", value)

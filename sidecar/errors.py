@@ -25,6 +25,35 @@ class DecodeError(SidecarError):
     grpc_code = "INVALID_ARGUMENT"
 
 
+class UnsafeInput(SidecarError):
+    """A call the sidecar refuses because it would crash or exhaust the model server (e.g. a JSON tensor
+    whose shape declares far more elements than the body holds: Triton reserves memory for the shape)."""
+
+    http_status = 400
+    grpc_code = "INVALID_ARGUMENT"
+
+
+class Forbidden(SidecarError):
+    """A restricted API called without the required header, or an admin action without its token."""
+
+    http_status = 403
+    grpc_code = "PERMISSION_DENIED"
+
+
+class RequestTimeout(SidecarError):
+    """The client did not send its request (headers or body) in time."""
+
+    http_status = 408
+    grpc_code = "DEADLINE_EXCEEDED"
+
+
+class ClientClosed(SidecarError):
+    """The caller went away; nobody is left to answer."""
+
+    http_status = 499
+    grpc_code = "CANCELLED"
+
+
 class PayloadTooLarge(SidecarError):
     http_status = 413
     grpc_code = "RESOURCE_EXHAUSTED"

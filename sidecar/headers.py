@@ -1,41 +1,43 @@
-"""Header rules shared by the HTTP front and the upstream client."""
+"""Header rules shared by the HTTP front and the upstream client. Headers are raw bytes pairs."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
-# RFC 9110 section 7.6.1 connection-specific headers, plus the framing headers
-# each hop recomputes for itself.
+Header = tuple[bytes, bytes]
+
+# RFC 9110 section 7.6.1 connection-specific headers, plus the framing headers each hop
+# recomputes for itself.
 HOP_BY_HOP = frozenset(
     {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "content-length",
-        "host",
-        # The sidecar's own server already answered any 100-continue; the upstream gets the whole body.
-        "expect",
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"content-length",
+        b"host",
+        # The sidecar's own server answers 100-continue at once; the upstream gets the whole body.
+        b"expect",
     }
 )
 
-REQUEST_ID = "x-request-id"
-SIDECAR_PREFIX = "x-sidecar-"
+REQUEST_ID = b"x-request-id"
+SIDECAR_PREFIX = b"x-sidecar-"
 
 
-def end_to_end(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+def end_to_end(headers: Iterable[Header]) -> list[Header]:
     """Drop hop-by-hop headers, including any the Connection header names."""
-    kept: list[tuple[str, str]] = []
-    named: set[str] = set()
+    kept: list[Header] = []
+    named: set[bytes] = set()
     for k, v in headers:
         lower = k.lower()
-        if lower == "connection":
-            named.update(token.strip().lower() for token in v.split(","))
+        if lower == b"connection":
+            named.update(token.strip().lower() for token in v.split(b","))
         elif lower not in HOP_BY_HOP:
             kept.append((k, v))
     if named:

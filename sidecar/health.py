@@ -11,15 +11,19 @@ import asyncio
 import contextlib
 import enum
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 from .config import UpstreamConfig
 from .errors import SidecarError
+from .logs import where
 from .metrics import Metrics
-from .pipeline.upstream import UpstreamClient
 from .state import State, StateMachine
+from .upstream.http import HttpUpstream
 
 log = logging.getLogger("sidecar.health")
+_LOG_EVERY = 60.0  # seconds between repeated warnings about the same problem
+_RETRY_MAX = 300.0  # seconds between attempts of a warm-up, at most
 
 Warmer = Callable[[str], Awaitable[bool]]  # (upstream protocol) -> True: the pod may report ready
 
@@ -33,22 +37,27 @@ class Health(enum.Enum):
 class UpstreamMonitor:
     def __init__(
         self,
-        client: UpstreamClient,
+        client: HttpUpstream,
         cfg: UpstreamConfig,
         machine: StateMachine,
         metrics: Metrics,
         warmer: Warmer | None = None,
+        retry_interval: float = 5.0,
     ) -> None:
         self.client = client
         self.cfg = cfg
         self.machine = machine
         self.metrics = metrics
         self.warmer = warmer
+        self.retry_interval = retry_interval
         self.protocol = cfg.protocol if cfg.protocol != "auto" else ""
         self.last = Health.DOWN
         # What the server has loaded, (model, version) pairs; None until first seen ready.
         self.loaded: frozenset[tuple[str, str]] | None = None
         self._new_load = ""
+        self.problem = "not checked yet"
+        self.retry_in = 0.0
+        self._logged_at = -_LOG_EVERY
         self._poke = asyncio.Event()
         self._warming: asyncio.Task[None] | None = None
 
@@ -79,10 +88,28 @@ class UpstreamMonitor:
             if not self.protocol:
                 self.protocol = await self._detect(timeout)
             if self.protocol == "triton":
-                return await self._check_triton(timeout)
-            return await self._check_tfserving(timeout)
-        except SidecarError:
+                health = await self._check_triton(timeout)
+            else:
+                health = await self._check_tfserving(timeout)
+        except SidecarError as e:
+            self._problem(e.message)
             return Health.DOWN
+        except Exception as e:  # an answer that is not Triton's or TF Serving's: not a usable model server
+            self._problem(f"unexpected answer from the model server ({type(e).__name__})")
+            return Health.DOWN
+        if health is Health.READY:
+            self.problem = ""
+        elif health is Health.LIVE:
+            self._problem("model server up, models not ready")
+        return health
+
+    def _problem(self, why: str) -> None:
+        """Remember why the model server is not ready; log it once, then at most every minute."""
+        now = time.monotonic()
+        if why != self.problem or now - self._logged_at >= _LOG_EVERY:
+            log.warning("model server %s: %s", self.client.base, why)
+            self._logged_at = now
+        self.problem = why
 
     async def _detect(self, timeout: float) -> str:
         protocol = await detect_protocol(self.client, timeout)
@@ -93,8 +120,9 @@ class UpstreamMonitor:
         status, _ = await self.client.probe("/v2/health/ready", timeout)
         if status == 200:
             status, index = await self.client.probe("/v2/repository/index", timeout, "POST")
-            if status == 200:  # the repository API may be disabled: then loads are not tracked
+            if status == 200:  # the repository API may be disabled (or restricted): then loads are not tracked
                 self._observe_loaded(ready_versions(index))
+                self.metrics.known_models.update(model_names(index))
             return Health.READY
         live, _ = await self.client.probe("/v2/health/live", timeout)
         return Health.LIVE if live == 200 else Health.DOWN
@@ -148,14 +176,33 @@ class UpstreamMonitor:
             self._warming.cancel()
 
     async def _warm(self) -> None:
-        ready = True if self.warmer is None else await self.warmer(self.protocol or "triton")
-        if ready:
-            self.machine.to(State.WARM, "warm-up complete")
-        else:
-            self.machine.reason = "warm-up incomplete and warmup.require_complete is set"
+        """Warm up until the warmer says the pod may be ready. A warm-up that fails (or, with
+        ``warmup.require_complete``, does not converge) is tried again with backoff, never abandoned."""
+        backoff = self.retry_interval
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                ready = True if self.warmer is None else await self.warmer(self.protocol or "triton")
+            except SidecarError as e:
+                log.warning("warm-up attempt %d failed: %s", attempt, e.message)
+                ready = False
+            except Exception as e:  # a bug must not leave the pod warming forever
+                self.metrics.task_restarts.labels("warmer").inc()
+                log.error("warm-up attempt %d failed (%s)\n%s", attempt, type(e).__name__, where(e))
+                ready = False
+            if ready:
+                self.machine.to(State.WARM, "warm-up complete" if attempt == 1 else f"warm-up complete (attempt "
+                                f"{attempt})")
+                return
+            self.retry_in = backoff
+            self.machine.reason = f"warm-up attempt {attempt} incomplete; trying again in {backoff:g} s"
+            await asyncio.sleep(backoff)
+            self.retry_in = 0.0
+            backoff = min(backoff * 2, _RETRY_MAX)
 
 
-async def detect_protocol(client: UpstreamClient, timeout: float) -> str:
+async def detect_protocol(client: HttpUpstream, timeout: float) -> str:
     """``triton`` when ``/v2/health/live`` answers 200, else ``tfserving``; raises when nothing answers."""
     status, _ = await client.probe("/v2/health/live", timeout)
     return "triton" if status == 200 else "tfserving"
@@ -170,6 +217,13 @@ def ready_versions(index: object) -> frozenset[tuple[str, str]]:
         for entry in index
         if isinstance(entry, dict) and entry.get("state") == "READY"
     )
+
+
+def model_names(index: object) -> set[str]:
+    """Every model Triton's repository index lists, loaded or not (the metric labels allowed)."""
+    if not isinstance(index, list):
+        return set()
+    return {str(e["name"]) for e in index if isinstance(e, dict) and isinstance(e.get("name"), str)}
 
 
 def available_versions(body: object) -> list[str]:

@@ -17,7 +17,9 @@ LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 )
 
-MAX_MODEL_LABELS = 200
+MAX_MODEL_LABELS = 1000
+OTHER = "other"
+HTTP_EVENTS = ("disconnect", "timeout", "malformed", "too_many_connections")
 
 
 class Metrics:
@@ -43,9 +45,6 @@ class Metrics:
             "sidecar_upstream_errors", "Upstream failures by kind (unavailable, timeout)",
             ["kind"], registry=r,
         )
-        self.decode_errors = Counter(
-            "sidecar_decode_errors", "Inference calls rejected as malformed", ["route"], registry=r,
-        )
         self.upstream_ready = Gauge(
             "sidecar_upstream_ready", "1 when the model server reports itself ready", registry=r,
         )
@@ -63,9 +62,26 @@ class Metrics:
             "sidecar_record_dropped", "Calls not recorded because the recorder's queue was full", registry=r,
         )
         self.gated = Counter("sidecar_gated", "Calls held or rejected while not warm", ["action"], registry=r)
+        self.unmodelled = Counter(
+            "sidecar_unmodelled", "Inference calls the codecs could not model, forwarded untouched", ["protocol"],
+            registry=r,
+        )
+        self.http_events = Counter(
+            "sidecar_http_connection_events",
+            "Data-port connection events: disconnect (client left before its answer), timeout (slow client), "
+            "malformed (refused request), too_many_connections", ["event"], registry=r,
+        )
+        self.record_errors = Counter(
+            "sidecar_record_errors", "Calls the recorder could not record (dropped, counted)", registry=r,
+        )
+        self.task_restarts = Counter(
+            "sidecar_task_restarts", "Background tasks restarted after a failure", ["task"], registry=r,
+        )
         self._request_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
         self._upstream_children: dict[tuple[str, str], Any] = {}
-        self._models: set[str] = set()
+        self._event_children = {e: self.http_events.labels(e) for e in HTTP_EVENTS}
+        # Model label values: only models the model server has (its repository index, configuration).
+        self.known_models: set[str] = set()
 
     def watch_state(self, states: list[str], current: Callable[[], str], progress: Callable[[], float]) -> None:
         """The state gauges are read from the state machine at scrape time: no second copy to keep in step."""
@@ -77,13 +93,21 @@ class Metrics:
         self.warmup_progress.set_function(progress)
 
     def model_label(self, model: str) -> str:
-        """Model names come from callers: cap how many label values they can mint."""
-        if model in self._models:
+        """Model names come from callers, so only models the server has become label values: no caller
+        can mint series. Everything else is ``other``."""
+        if not model or model in self.known_models:
             return model
-        if len(self._models) >= MAX_MODEL_LABELS:
-            return "_other"
-        self._models.add(model)
-        return model
+        return OTHER
+
+    def learn_model(self, model: str) -> None:
+        """A model the server answered an inference call for exists (TF Serving has no index to list)."""
+        if len(self.known_models) < MAX_MODEL_LABELS:
+            self.known_models.add(model)
+
+    def count_http_event(self, event: str) -> None:
+        child = self._event_children.get(event)
+        if child is not None:
+            child.inc()
 
     def observe_request(self, route: str, model: str, status: int, seconds: float) -> None:
         model = self.model_label(model)

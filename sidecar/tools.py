@@ -16,10 +16,11 @@ from .config import Config
 from .errors import SidecarError
 from .health import detect_protocol
 from .metrics import Metrics
-from .pipeline.upstream import UpstreamClient
 from .protocols.request import InferenceRequest, Protocol
 from .state import StateMachine
+from .upstream.http import HttpUpstream
 from .warmup.export import Signature
+from .warmup.planner import batch_text
 from .warmup.store import open_store
 from .warmup.tftensor import dtype_name
 from .warmup.warmer import Warmer
@@ -28,8 +29,7 @@ from .warmup.warmer import Warmer
 @contextlib.asynccontextmanager
 async def _warmer(cfg: Config) -> AsyncIterator[Warmer]:
     store = open_store(cfg.store, store_limits(cfg))
-    client = UpstreamClient(cfg.upstream, Metrics())
-    await client.start()
+    client = HttpUpstream(cfg.upstream, Metrics(), cfg.limits.max_answer_bytes)
     try:
         yield Warmer(cfg, store, client, StateMachine(), Metrics())
     finally:
@@ -45,11 +45,12 @@ async def print_plan(cfg: Config) -> int:
     for model in plan.models:
         print(f"\n{model.model}:")
         for call in model.calls:
-            print(f"  {call.kind:<8} batch {call.batch:<4} weight {call.weight:10.1f}  {call.path}  {call.shape}")
+            print(f"  {call.kind:<8} batch {batch_text(call.batch):<4} weight {call.weight:10.1f}  {call.path}  "
+                  f"{call.shape}")
     return 0
 
 
-async def _upstream_protocol(cfg: Config, client: UpstreamClient) -> str:
+async def _upstream_protocol(cfg: Config, client: HttpUpstream) -> str:
     """The configured protocol; for ``auto``, asked of the model server as the running sidecar does."""
     if cfg.upstream.protocol != "auto":
         return cfg.upstream.protocol
@@ -111,7 +112,7 @@ def _write_triton(requests: list[InferenceRequest], max_batch: int, directory: P
     return 0
 
 
-async def _tf_signatures(client: UpstreamClient, model: str) -> dict[str, Signature]:
+async def _tf_signatures(client: HttpUpstream, model: str) -> dict[str, Signature]:
     """Input types per signature from TF Serving's ``GET /v1/models/{m}/metadata``; {} when unavailable."""
     try:
         status, body = await client.probe(f"/v1/models/{model}/metadata", 5.0)

@@ -175,7 +175,7 @@ def _site_packages(venv: Path) -> Path:
 
 @functools.cache
 def _python_libdir(python: Path) -> str:
-    """The interpreter's own LIBDIR: its libpython must win over the system's (DESIGN.md)."""
+    """The interpreter's own LIBDIR: its libpython must win over the system's (docs/architecture.md)."""
     code = "import sysconfig; print(sysconfig.get_config_var('LIBDIR'))"
     return subprocess.run([python, "-c", code], check=True, capture_output=True, text=True).stdout.strip()
 
@@ -398,7 +398,7 @@ class TritonServer(ServerProcess):
         return ["--model-control-mode=explicit", *(f"--load-model={model}" for model in self.models)]
 
     def environment(self) -> dict[str, str]:
-        """DESIGN.md: the venv interpreter's LIBDIR, then the wheel's libraries; the venv's bin on PATH."""
+        """docs/architecture.md: the venv interpreter's LIBDIR, then the wheel's libraries; the venv's bin on PATH."""
         python = _venv_python(self.venv)
         environment = _clean_environment()
         libs = _site_packages(self.venv) / "nvidia_pytriton.libs"

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from sidecar.errors import DecodeError
+from sidecar.errors import DecodeError, UnsafeInput
 from sidecar.protocols import kserve_http as codec
 from sidecar.protocols.request import (
     InferenceRequest,
@@ -98,7 +98,6 @@ def test_request_round_trip(req: InferenceRequest, binary: bool) -> None:
     got = codec.decode_request(req.model, req.version, body, header_length)
     _assert_same_request(got, req)
     assert got.protocol is Protocol.KSERVE_HTTP and got.method == "infer"
-    assert got.wire == body and got.wire_headers == ()
 
 
 @SLOW_OK
@@ -115,7 +114,7 @@ def test_response_round_trip(resp: InferenceResponse, data: st.DataObject) -> No
     body, header_length = codec.encode_response(resp, binary)
     got = codec.decode_response(body, header_length)
     assert got == resp
-    assert got.id == resp.id and got.wire == body
+    assert got.id == resp.id
 
 
 @SLOW_OK
@@ -744,7 +743,7 @@ def test_fuzz_truncated_and_corrupted_binary_bodies(req: InferenceRequest, data:
 
 
 def _only_decode_errors(body: bytes, header_length: int | None) -> None:
-    with contextlib.suppress(DecodeError):
+    with contextlib.suppress(DecodeError, UnsafeInput):
         codec.decode_request("m", "", body, header_length)
     with contextlib.suppress(DecodeError):
         codec.decode_response(body, header_length)

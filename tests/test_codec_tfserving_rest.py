@@ -481,7 +481,6 @@ def test_predict_request_round_trip(req: InferenceRequest) -> None:
     body = codec.encode_request(req)
     got = _decode_tf(req, body)
     assert got == req
-    assert got.wire == body
 
 
 @SLOW_OK

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from sidecar.config import keys, load, read_yaml
 from sidecar.errors import ConfigError
@@ -77,9 +79,34 @@ def test_cli_yaml_file(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=30,
     )
     assert proc.returncode == 0, proc.stderr
-    assert "upstream.protocol = 'tfserving'" in proc.stdout
-    assert "limits.max_body_bytes = 1048576" in proc.stdout
-    assert "listen = '127.0.0.1:7'" in proc.stdout
+    shown = yaml.safe_load(proc.stdout)
+    assert shown["upstream"]["protocol"] == "tfserving"
+    assert shown["limits"]["max_body_bytes"] == 1048576
+    assert shown["listen"] == "127.0.0.1:7"
+    # What `sidecar config` prints, `--config` reads back to the same configuration.
+    again = tmp_path / "again.yaml"
+    again.write_text(proc.stdout)
+    assert load(read_yaml(str(again)), {}, {}) == load(read_yaml(str(path)), {}, {"listen": "127.0.0.1:7"})
+
+
+def test_cli_config_masks_credentials_and_survives_a_closed_pipe() -> None:
+    env = {**os.environ, "SIDECAR_STORE": "redis://user:hunter2@redis:6379/0",
+           "SIDECAR_RESTRICTED_API": "model-repository:admin-key=s3cret"}
+    proc = subprocess.run([sys.executable, "-m", "sidecar", "config"], capture_output=True, text=True, timeout=30,
+                          env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "hunter2" not in proc.stdout and "s3cret" not in proc.stdout
+    assert "redis://***@redis:6379/0" in proc.stdout
+    shell = subprocess.run(f"{sys.executable} -m sidecar config | head -1", shell=True, capture_output=True,
+                           text=True, timeout=30, env=env)
+    assert shell.stdout.strip() and "Traceback" not in shell.stderr and "Broken pipe" not in shell.stderr
+
+
+def test_cli_bad_secret_is_not_echoed() -> None:
+    env = {**os.environ, "SIDECAR_RESTRICTED_API": "nonsense:admin-key=s3cret"}
+    proc = subprocess.run([sys.executable, "-m", "sidecar", "run"], capture_output=True, text=True, timeout=30,
+                          env=env)
+    assert proc.returncode == 2 and "s3cret" not in proc.stderr and "restricted_api" in proc.stderr
 
 
 def test_readme_documents_every_key() -> None:

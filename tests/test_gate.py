@@ -11,15 +11,15 @@ from sidecar.config import GateConfig
 from sidecar.errors import Overloaded
 from sidecar.metrics import Metrics
 from sidecar.pipeline.gate import Gate
-from sidecar.pipeline.stage import Call, Reply
+from sidecar.pipeline.stage import Call, HttpAnswer, HttpWire, Reply
 from sidecar.protocols.request import InferenceRequest, Protocol
 from sidecar.state import State, StateMachine
 
-CALL = Call(InferenceRequest(Protocol.KSERVE_HTTP, "m"), "/v2/models/m/infer", "", (), b"{}", "rid", 0.0)
+CALL = Call(InferenceRequest(Protocol.KSERVE_HTTP, "m"), "rid", 0.0, HttpWire(b"/v2/models/m/infer", (), b"{}"))
 
 
 async def upstream(call: Call) -> Reply:
-    return Reply(200, [], call.request_id.encode())
+    return Reply(200, wire=HttpAnswer(200, b"OK", (), call.request_id.encode()), for_call=call)
 
 
 def warming() -> StateMachine:

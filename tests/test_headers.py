@@ -10,22 +10,23 @@ from sidecar.headers import HOP_BY_HOP, end_to_end
 
 def test_drops_hop_by_hop_and_connection_named_headers() -> None:
     headers = [
-        ("Content-Type", "application/json"),
-        ("Connection", "keep-alive, X-Private"),
-        ("Keep-Alive", "timeout=5"),
-        ("x-private", "secret"),
-        ("Transfer-Encoding", "chunked"),
-        ("Inference-Header-Content-Length", "12"),
-        ("Expect", "100-continue"),
+        (b"Content-Type", b"application/json"),
+        (b"Connection", b"keep-alive, X-Private"),
+        (b"Keep-Alive", b"timeout=5"),
+        (b"x-private", b"secret"),
+        (b"Transfer-Encoding", b"chunked"),
+        (b"Inference-Header-Content-Length", b"12"),
+        (b"Expect", b"100-continue"),
     ]
-    assert end_to_end(headers) == [("Content-Type", "application/json"), ("Inference-Header-Content-Length", "12")]
+    assert end_to_end(headers) == [(b"Content-Type", b"application/json"),
+                                   (b"Inference-Header-Content-Length", b"12")]
 
 
-names = st.sampled_from(["Content-Type", "X-A", "x-b", "Connection", "TE", "Host", "Content-Length", "X-C"])
+names = st.sampled_from([b"Content-Type", b"X-A", b"x-b", b"Connection", b"TE", b"Host", b"Content-Length", b"X-C"])
 
 
-@given(st.lists(st.tuples(names, st.sampled_from(["1", "x-a", "X-C, x-b", "close"]))))
-def test_end_to_end_keeps_order_and_only_end_to_end_headers(headers: list[tuple[str, str]]) -> None:
-    named = {t.strip().lower() for k, v in headers if k.lower() == "connection" for t in v.split(",")}
-    expected = [(k, v) for k, v in headers if k.lower() not in HOP_BY_HOP | {"connection"} | named]
+@given(st.lists(st.tuples(names, st.sampled_from([b"1", b"x-a", b"X-C, x-b", b"close"]))))
+def test_end_to_end_keeps_order_and_only_end_to_end_headers(headers: list[tuple[bytes, bytes]]) -> None:
+    named = {t.strip().lower() for k, v in headers if k.lower() == b"connection" for t in v.split(b",")}
+    expected = [(k, v) for k, v in headers if k.lower() not in HOP_BY_HOP | {b"connection"} | named]
     assert end_to_end(headers) == expected

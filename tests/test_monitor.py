@@ -9,8 +9,8 @@ from __future__ import annotations
 from sidecar.config import UpstreamConfig
 from sidecar.health import Health, UpstreamMonitor, available_versions, ready_versions
 from sidecar.metrics import Metrics
-from sidecar.pipeline.upstream import UpstreamClient
 from sidecar.state import State, StateMachine
+from sidecar.upstream.http import HttpUpstream
 
 
 def monitor() -> tuple[UpstreamMonitor, list[str], list[str]]:
@@ -25,7 +25,7 @@ def monitor() -> tuple[UpstreamMonitor, list[str], list[str]]:
     cfg = UpstreamConfig()
     metrics = Metrics()
     machine = StateMachine(on_change=lambda state: changes.append(f"{state.value}: {machine.reason}"))
-    return UpstreamMonitor(UpstreamClient(cfg, metrics), cfg, machine, metrics, warmer), warmed, changes
+    return UpstreamMonitor(HttpUpstream(cfg, metrics, 1 << 20), cfg, machine, metrics, warmer), warmed, changes
 
 
 async def settle(m: UpstreamMonitor) -> None:

@@ -11,24 +11,24 @@ import orjson
 from sidecar.config import RecordConfig
 from sidecar.metrics import Metrics
 from sidecar.pipeline.recorder import Recorder
-from sidecar.pipeline.stage import Call, Reply
+from sidecar.pipeline.stage import Call, HttpAnswer, HttpWire, Reply
 from sidecar.protocols import kserve_http
 from sidecar.warmup import payload
 from sidecar.warmup.store import StoreLimits, TrafficStore, open_store
 
-JSON = (("Content-Type", "application/json"),)
+JSON = ((b"Content-Type", b"application/json"),)
 
 
 def call(model: str, value: float, batch: int = 1) -> Call:
     body = orjson.dumps({"inputs": [{"name": "X", "shape": [batch, 2], "datatype": "FP32",
                                      "data": [value, value] * batch}]})
     request = kserve_http.decode_request(model, "", body, None)
-    return Call(request, f"/v2/models/{model}/infer", "", JSON, body, "rid", deadline=0.0)
+    return Call(request, "rid", 0.0, HttpWire(f"/v2/models/{model}/infer".encode(), JSON, body))
 
 
 def answer(status: int) -> object:
     async def next_(_call: Call) -> Reply:
-        return Reply(status, [], b"{}")
+        return Reply(status, wire=HttpAnswer(status, b"", (), b"{}"), for_call=_call)
 
     return next_
 
@@ -48,7 +48,10 @@ async def test_counts_shapes_and_payloads_reach_the_store(tmp_path: Path) -> Non
     top = await store.top("m", 10)
     assert [(round(r.weight, 3), r.batch) for r in top] == [(3.0, 1), (1.0, 4)]  # real clock: a hair of decay
     replay = payload.decode(top[0].payload)
-    assert (replay.path, replay.body, replay.headers) == ("/v2/models/m/infer", call("m", 1.0).body, JSON)
+    wire = call("m", 1.0).wire
+    assert wire is not None
+    assert (replay.path, replay.body, replay.headers) == ("/v2/models/m/infer", wire.body,
+                                                          (("Content-Type", "application/json"),))
     assert replay.to_request() == call("m", 1.0).request
     assert {m: round(w, 3) for m, w in await store.models()} == {"m": 4.0, "other": 1.0}
     await store.close()

@@ -167,3 +167,27 @@ def test_store_urls_never_show_credentials() -> None:
     assert redact_url("redis://user:s3cret@redis.example:6380/2?password=x") == "redis://redis.example:6380/2"
     assert redact_url("unix:///run/redis.sock?password=x") == "unix:///run/redis.sock"
     assert "s3cret" not in open_store("rediss://:s3cret@h:1/0", StoreLimits()).describe()
+
+
+def disk_usage(path: Path) -> int:
+    """The database file and its write-ahead log and index."""
+    return sum(p.stat().st_size for p in path.parent.glob(path.name + "*"))
+
+
+async def test_sqlite_keeps_to_its_byte_budget_on_disk(tmp_path: Path) -> None:
+    """Data file plus write-ahead log stay near the payload budget, however much passes through."""
+    budget = 16 * 1024 * 1024
+    path = tmp_path / "t.db"
+    clock = Clock()
+    store = open_store(str(path), StoreLimits(max_total_bytes=budget, max_payload_bytes=1 << 20, capacity=400,
+                                              half_life=HALF_LIFE, payload_ttl=1000.0), clock=clock)
+    try:
+        for round_ in range(6):  # 6 x 40 MiB of distinct payloads through a 16 MiB budget
+            clock.now += 1
+            await store.add([sample(f"r{round_}-{i}", 1 + i % 3, payload=bytes([i % 251]) * (1 << 20))
+                             for i in range(40)])
+        on_disk = disk_usage(path)
+        assert on_disk <= budget * 1.25 + 4 * 1024 * 1024, on_disk
+        assert len(await store.top("m", 400)) > 0
+    finally:
+        await store.close()

@@ -1,8 +1,9 @@
 """The HTTP data port: speaks the model server's own REST protocol.
 
-Inference calls are decoded into the canonical request and run through the
-stage pipeline; everything else is passed through, streamed both ways. Errors
-from anywhere become ``{"error": "..."}`` here, and only here.
+Inference calls are decoded into the canonical request and run through the stage pipeline; a call
+the codecs cannot model goes through the same gate but reaches the model server untouched; every
+other path is streamed through both ways. Every decision is taken on the raw path the model server
+will receive. Errors from anywhere become ``{"error": "..."}`` here, and only here.
 """
 
 from __future__ import annotations
@@ -15,249 +16,233 @@ import re
 import time
 from collections.abc import AsyncIterator, Callable
 
-import orjson
-from aiohttp import web
-
 from ..config import Config
-from ..errors import DecodeError, PayloadTooLarge, SidecarError, UpstreamUnavailable
-from ..headers import REQUEST_ID, end_to_end
+from ..errors import (
+    ClientClosed,
+    DecodeError,
+    Forbidden,
+    PayloadTooLarge,
+    SidecarError,
+    UpstreamUnavailable,
+)
+from ..headers import REQUEST_ID, Header, end_to_end
 from ..metrics import Metrics
-from ..pipeline.stage import Call, Next, Reply
-from ..pipeline.upstream import UpstreamClient
+from ..pipeline.stage import Call, HttpWire, Next, Reply
 from ..protocols import dispatch, tfserving_rest
-from ..state import StateMachine
+from ..protocols.request import InferenceRequest
+from ..state import State, StateMachine
+from ..upstream.http import HttpUpstream
+from . import restrict
+from .budget import Lease, MemoryBudget
+from .decoding import RequestDecoder
+from .h1server import H1Server, Request, Responder, ServerLimits
 
 log = logging.getLogger("sidecar.http")
 
-BINARY_HEADER = "inference-header-content-length"
-STATE_HEADER = "x-sidecar-state"
+STATE_HEADER = b"x-sidecar-state"
+CACHE_HEADER = b"x-sidecar-cache"
+_STATE_VALUES = {s: s.value.encode() for s in State}
+_JSON_HEADERS = [(b"Content-Type", b"application/json")]
 _MODEL_READY = re.compile(r"/v2/models/[^/]+(?:/versions/[^/]+)?/ready")
 _TF_STATUS = re.compile(r"/v1/models/[^/:]+(?:/versions/[^/:]+|/labels/[^/:]+)?")
-STREAM_CHUNK = 256 * 1024
+_METHODS_REFUSED = frozenset({"CONNECT"})
 
 
-class InFlight:
-    """Counts requests being handled, so SIGTERM can wait for them to finish."""
+def error_answer(err: SidecarError) -> tuple[int, list[Header], bytes]:
+    """The upstream's own error shape, ``{"error": "..."}``, with Retry-After where one applies."""
+    import orjson
 
-    def __init__(self, metrics: Metrics) -> None:
-        self.count = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self._metrics = metrics
-
-    def __repr__(self) -> str:
-        return f"<InFlight {self.count}>"
-
-    def enter(self) -> None:
-        self.count += 1
-        self._idle.clear()
-        self._metrics.in_flight.inc()
-
-    def leave(self) -> None:
-        self.count -= 1
-        self._metrics.in_flight.dec()
-        if self.count == 0:
-            self._idle.set()
-
-    async def wait_idle(self, timeout: float) -> bool:
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
-        except TimeoutError:
-            return False
-        return True
-
-
-def error_response(err: SidecarError) -> web.Response:
-    headers = {"Content-Type": "application/json"}
+    headers = list(_JSON_HEADERS)
     retry_after = getattr(err, "retry_after", None)
     if retry_after is not None:
-        headers["Retry-After"] = str(max(1, round(retry_after)))
-    return web.Response(status=err.http_status, body=orjson.dumps({"error": err.message}), headers=headers)
+        headers.append((b"Retry-After", b"%d" % max(1, round(retry_after))))
+    status = 400 if err.http_status == 499 else err.http_status
+    return status, headers, orjson.dumps({"error": err.message})
 
 
 class HttpFront:
-    def __init__(
-        self,
-        cfg: Config,
-        client: UpstreamClient,
-        pipeline: Next,
-        metrics: Metrics,
-        in_flight: InFlight,
-        machine: StateMachine,
-        on_upstream_down: Callable[[], None] | None = None,
-    ) -> None:
+    def __init__(self, cfg: Config, upstream: HttpUpstream, pipeline: Next, metrics: Metrics,
+                 machine: StateMachine, decoder: RequestDecoder, budget: MemoryBudget,
+                 on_upstream_down: Callable[[], None] | None = None) -> None:
         self.cfg = cfg
-        self.client = client
+        self.upstream = upstream
         self.pipeline = pipeline
         self.metrics = metrics
-        self.in_flight = in_flight
         self.machine = machine
+        self.decoder = decoder
+        self.budget = budget
         self.on_upstream_down = on_upstream_down
+        self.restrictions = restrict.parse(cfg.restricted_api)
+        self.in_flight = 0
         # Request ids: a random per-process prefix and a counter; unique without a syscall per call.
         self._id_prefix = os.urandom(8).hex()
         self._id_counter = itertools.count()
 
+    def __repr__(self) -> str:
+        return f"<HttpFront in_flight={self.in_flight} {self.budget!r}>"
+
+    def server(self, max_connections: int) -> H1Server:
+        limits = self.cfg.limits
+        return H1Server(self.handle, ServerLimits(
+            max_header_bytes=limits.max_header_bytes, header_timeout=limits.header_timeout,
+            body_timeout=limits.body_timeout, keepalive_timeout=limits.keepalive_timeout,
+            max_connections=max_connections,
+        ), on_event=self.metrics.count_http_event)
+
+    # -- one request ---------------------------------------------------------------------------------
+
+    async def handle(self, req: Request, out: Responder) -> None:
+        started = time.perf_counter()
+        given_id = req.header(REQUEST_ID)
+        request_id = given_id.decode("latin-1") if given_id else self._new_id()
+        route = dispatch.match(req.path) if req.method == "POST" else None
+        label = route.method if route else dispatch.route_label(req.path)
+        model = route.model if route else ""
+        self.in_flight += 1
+        status = 0
+        try:
+            self._check_allowed(req)
+            if route is not None:
+                status = await self._infer(req, out, route, request_id)
+            elif req.method == "GET" and not self.machine.ready and (
+                    answer := await self._not_ready_answer(req)) is not None:
+                status = self._send(out, request_id, *answer)
+            else:
+                status = await self._pass_through(req, out, request_id)
+        except ClientClosed:
+            status = 499
+        except SidecarError as err:
+            status = self._fail(out, request_id, err, label)
+        finally:
+            self.in_flight -= 1
+            self.metrics.observe_request(label, model, status or 499, time.perf_counter() - started)
+
+    def _fail(self, out: Responder, request_id: str, err: SidecarError, label: str) -> int:
+        if isinstance(err, UpstreamUnavailable) and self.on_upstream_down is not None:
+            self.on_upstream_down()
+        if out.started:
+            out.abort()  # headers are gone already: cutting the connection is the only honest signal
+            return err.http_status
+        status, headers, body = error_answer(err)
+        if isinstance(err, Forbidden):
+            headers = [(b"Content-Type", b"text/plain")]  # Triton's own 403 says text/plain
+            body = err.message.encode()
+        if status in (408, 413):
+            out.close_after = True  # the rest of the body may still be on its way
+        return self._send(out, request_id, status, headers, body)
+
+    def _check_allowed(self, req: Request) -> None:
+        if req.method in _METHODS_REFUSED:
+            raise _MethodNotAllowed("Method Not Allowed")
+        refused = restrict.refusal(self.restrictions, req.path, req.header)
+        if refused is not None:
+            raise Forbidden(refused.decode())
+
+    def _send(self, out: Responder, request_id: str, status: int, headers: list[Header], body: bytes,
+              reason: bytes = b"", cache: str = "") -> int:
+        headers.append((b"x-request-id", request_id.encode("latin-1")))
+        headers.append((STATE_HEADER, _STATE_VALUES[self.machine.state]))
+        if cache:
+            headers.append((CACHE_HEADER, cache.encode()))
+        out.send(status, headers, body, reason)
+        return status
+
     def _new_id(self) -> str:
         return f"{self._id_prefix}{next(self._id_counter):016x}"
 
-    def server(self) -> web.Server:
-        """aiohttp's low-level server: one handler for every path, no router or middleware in the way."""
-        return web.Server(self.handle, access_log=None)
+    # -- inference -----------------------------------------------------------------------------------
 
-    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        started = time.perf_counter()
-        request_id = request.headers.get(REQUEST_ID) or self._new_id()
-        route = dispatch.match(request.path) if request.method == "POST" else None
-        label = route.method if route else dispatch.route_label(request.path)
-        model = route.model if route else ""
-        self.in_flight.enter()
-        status = 500
+    async def _infer(self, req: Request, out: Responder, route: dispatch.InferenceRoute, request_id: str) -> int:
+        lease = Lease(self.budget)
         try:
-            if route is not None:
-                response: web.StreamResponse = await self._infer(request, route, request_id)
-            elif request.method == "GET" and not self.machine.ready and (
-                    answer := await self._not_ready_answer(request)) is not None:
-                response = answer
-            else:
-                response = await self._pass_through(request, request_id)
-            status = response.status
-            return self._stamp(response, request_id)
-        except SidecarError as err:
-            if isinstance(err, UpstreamUnavailable) and self.on_upstream_down is not None:
-                self.on_upstream_down()
-            if isinstance(err, DecodeError):
-                self.metrics.decode_errors.labels(label).inc()
-            status = err.http_status
-            return self._stamp(error_response(err), request_id)
-        except Exception:
-            # A bug here must still answer in the upstream's error shape; the log holds the
-            # traceback (never the payload).
-            log.exception("internal error handling %s %s", request.method, request.path)
-            return self._stamp(error_response(SidecarError("internal sidecar error")), request_id)
+            body = await self._read_body(req, lease)
+            call = await self._call(req, route, body, request_id)
+            reply = await self.pipeline(call)
+            return self._answer(out, call, reply, request_id)
         finally:
-            self.in_flight.leave()
-            self.metrics.observe_request(label, model, status, time.perf_counter() - started)
+            lease.release()
 
-    def _stamp(self, response: web.StreamResponse, request_id: str) -> web.StreamResponse:
-        """The sidecar's own headers; the state is read as the response goes out."""
-        if not response.prepared:
-            response.headers[REQUEST_ID] = request_id
-            response.headers[STATE_HEADER] = self.machine.state.value
-        return response
-
-    async def _read_body(self, request: web.BaseRequest) -> bytes:
+    async def _read_body(self, req: Request, lease: Lease) -> bytes:
         limit = self.cfg.limits.max_body_bytes
-        if request.content_length is not None and request.content_length > limit:
-            raise PayloadTooLarge(f"request body of {request.content_length} bytes exceeds the limit of {limit}")
-        if request.content_length is not None:
-            try:
-                return await request.content.readexactly(request.content_length)
-            except asyncio.IncompleteReadError:
-                raise DecodeError("request body is shorter than its Content-Length") from None
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in request.content.iter_any():
-            size += len(chunk)
-            if size > limit:
-                raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
-            chunks.append(chunk)
-        return b"".join(chunks)
+        if req.content_length is not None:
+            if req.content_length > limit:
+                raise PayloadTooLarge(f"request body of {req.content_length} bytes exceeds the limit of {limit}")
+            lease(req.content_length)  # before the body is asked for: a refused client never sends it
+            return await req.body.read(limit)
+        return await req.body.read(limit, lease)
 
-    async def _infer(self, request: web.BaseRequest, route: dispatch.InferenceRoute, request_id: str) -> web.Response:
-        body = await self._read_body(request)
-        header_length = _header_length(request.headers.get(BINARY_HEADER))
-        canonical = dispatch.decode(route, body, header_length)
-        headers = _forward_headers(request, request_id)
-        call = Call(
-            request=canonical,
-            path=request.path,
-            query=request.query_string,
-            headers=tuple(headers),
-            body=body,
-            request_id=request_id,
-            deadline=asyncio.get_running_loop().time() + self.cfg.upstream.timeout,
-            route=route.method,
-        )
-        reply = await self.pipeline(call)
-        return _to_response(reply)
+    async def _call(self, req: Request, route: dispatch.InferenceRoute, body: bytes, request_id: str) -> Call:
+        modelled = True
+        try:
+            canonical = await self.decoder.decode(route, body, req.header(dispatch.HEADER_LENGTH),
+                                                  req.header(b"content-encoding"))
+        except DecodeError as e:
+            # Valid or not, the model server answers it as it always does; the sidecar only stays out of the way.
+            log.debug("call forwarded unmodelled: %s", e.message[:200])
+            self.metrics.unmodelled.labels(route.protocol.value).inc()
+            canonical = InferenceRequest(route.protocol, route.model, route.version, route.method)
+            modelled = False
+        wire = HttpWire(req.target, tuple(_forward_headers(req, request_id)), body)
+        deadline = asyncio.get_running_loop().time() + self.cfg.upstream.timeout
+        return Call(canonical, request_id, deadline, wire, modelled, route.method, "http")
 
-    async def _not_ready_answer(self, request: web.BaseRequest) -> web.StreamResponse | None:
+    def _answer(self, out: Responder, call: Call, reply: Reply, request_id: str) -> int:
+        raw = reply.raw_for(call)
+        if raw is None and not reply.ok and reply.wire is not None:
+            raw = reply.wire  # an error answer shared with this caller (same call, same protocol)
+        if raw is not None:
+            headers = [h for h in raw.headers if h[0].lower() != REQUEST_ID]
+            return self._send(out, request_id, raw.status, headers, raw.body, raw.reason, reply.cache)
+        headers, body = dispatch.encode_answer(call.request, reply.response())
+        return self._send(out, request_id, 200, headers, body, b"", reply.cache)
+
+    # -- readiness paths while not warm --------------------------------------------------------------
+
+    async def _not_ready_answer(self, req: Request) -> tuple[int, list[Header], bytes] | None:
         """The model server's own readiness paths, answered "not ready" until the pod is warm."""
-        path = request.path
+        path = req.path
         if path == "/v2/health/ready":
-            return web.Response(status=400)  # Triton: 400 with an empty body when not ready
+            return 400, [(b"Content-Type", b"text/plain")], b""  # Triton: 400, empty body
         if _MODEL_READY.fullmatch(path):
-            return web.Response(status=400, body=b'{"error":"Model version not ready"}',
-                                content_type="application/json")
+            return 400, list(_JSON_HEADERS), b'{"error":"Model version not ready"}'
         if _TF_STATUS.fullmatch(path):
-            return await self._tf_status_not_ready(request)
+            status, body = await self._tf_status(req)
+            return status, list(_JSON_HEADERS), body
         return None
 
-    async def _tf_status_not_ready(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def _tf_status(self, req: Request) -> tuple[int, bytes]:
         """TF Serving's model status, shown not ready while the pod warms."""
-        async with self.client.open_stream("GET", request.path_qs, [], None) as upstream:
-            body = await upstream.read()
-            reply = Reply(upstream.status, end_to_end(upstream.headers.items()), tfserving_rest.status_not_ready(body))
-        return _to_response(reply)
+        answer = await self.upstream.fetch(req.target)
+        body = tfserving_rest.status_not_ready(answer.body) if answer.status == 200 else answer.body
+        return answer.status, body
 
-    async def _pass_through(self, request: web.BaseRequest, request_id: str) -> web.StreamResponse:
+    # -- everything else, streamed -------------------------------------------------------------------
+
+    async def _pass_through(self, req: Request, out: Responder, request_id: str) -> int:
         limit = self.cfg.limits.max_body_bytes
-        if request.content_length is not None and request.content_length > limit:
-            raise PayloadTooLarge(f"request body of {request.content_length} bytes exceeds the limit of {limit}")
-        body = _limited(request, limit) if request.body_exists else None
-        headers = _forward_headers(request, request_id)
-        if request.content_length is not None:
-            headers.append(("Content-Length", str(request.content_length)))
-        async with self.client.open_stream(request.method, request.path_qs, headers, body) as upstream:
-            response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-            for k, v in end_to_end(upstream.headers.items()):
-                response.headers.add(k, v)
-            self._stamp(response, request_id)
-            if upstream.content_length is not None:
-                response.content_length = upstream.content_length
-            await response.prepare(request)
-            try:
-                async for chunk in upstream.content.iter_chunked(STREAM_CHUNK):
-                    await response.write(chunk)
-            except SidecarError:
-                raise
-            except Exception as e:
-                # Headers are gone already: the only honest signal left is to cut the connection.
-                log.warning("upstream stream broke after headers (%s); closing client connection", type(e).__name__)
-                if request.transport is not None:
-                    request.transport.close()
-                return response
-            await response.write_eof()
-            return response
+        if req.content_length is not None and req.content_length > limit:
+            raise PayloadTooLarge(f"request body of {req.content_length} bytes exceeds the limit of {limit}")
+        body: AsyncIterator[bytes] | None = None
+        if req.content_length or req.chunked:
+            body = req.body.stream(limit)
+        headers = _forward_headers(req, request_id)
+        async with self.upstream.stream(req.method, req.target, headers, body, req.content_length) as up:
+            response_headers = [h for h in end_to_end(up.headers) if h[0].lower() != REQUEST_ID]
+            response_headers.append((b"x-request-id", request_id.encode("latin-1")))
+            response_headers.append((STATE_HEADER, _STATE_VALUES[self.machine.state]))
+            out.start(up.status, response_headers, length=up.content_length, chunked=up.chunked, reason=up.reason)
+            async for chunk in up:
+                await out.write(chunk)
+            out.end(list(up.trailers))
+            return up.status
 
 
-async def _limited(request: web.BaseRequest, limit: int) -> AsyncIterator[bytes]:
-    size = 0
-    async for chunk in request.content.iter_chunked(STREAM_CHUNK):
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
-        yield chunk
+class _MethodNotAllowed(SidecarError):
+    http_status = 405
+    grpc_code = "UNIMPLEMENTED"
 
 
-def _header_length(value: str | None) -> int | None:
-    if value is None:
-        return None
-    if not value.strip().isdigit():
-        raise DecodeError(f"Inference-Header-Content-Length: expected a non-negative integer, got {value!r}")
-    return int(value)
-
-
-def _forward_headers(request: web.BaseRequest, request_id: str) -> list[tuple[str, str]]:
-    headers = [(k, v) for k, v in end_to_end(request.headers.items()) if k.lower() != REQUEST_ID]
-    headers.append((REQUEST_ID, request_id))
+def _forward_headers(req: Request, request_id: str) -> list[Header]:
+    headers = [h for h in end_to_end(req.headers) if h[0].lower() != REQUEST_ID]
+    headers.append((b"x-request-id", request_id.encode("latin-1")))
     return headers
-
-
-def _to_response(reply: Reply) -> web.Response:
-    response = web.Response(status=reply.status, reason=reply.reason or None, body=reply.body)
-    # web.Response sets its own Content-Type; the upstream's must win unchanged.
-    response.headers.popall("Content-Type", None)
-    for k, v in reply.headers:
-        response.headers.add(k, v)
-    return response

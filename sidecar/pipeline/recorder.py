@@ -1,7 +1,7 @@
 """The recorder stage: remembers what real traffic looks like, without slowing it down.
 
-The stage itself only puts the finished call on a bounded queue (what overflows is
-counted, never waited for). A background task keys, counts and aggregates calls in a
+The stage itself only puts the finished call on a queue bounded in count and bytes (what
+overflows is counted, never waited for). A background task keys, counts and aggregates calls in a
 Space-Saving sketch per model and writes the aggregate to the traffic store every
 ``flush_interval`` seconds.
 """
@@ -22,6 +22,7 @@ from ..warmup.store import Sample, TrafficStore
 from .stage import Call, Next, Reply
 
 log = logging.getLogger("sidecar.recorder")
+_HASH_INLINE = 1024 * 1024
 
 
 class _ModelMemory:
@@ -42,6 +43,7 @@ class Recorder:
         self.capacity = capacity
         self.allow = frozenset(cfg.models)
         self._queue: asyncio.Queue[Call] = asyncio.Queue(cfg.queue_size)
+        self._queued_bytes = 0
         self._models: dict[str, _ModelMemory] = {}
         # When each key's payload last went to the store: resent only to refresh its TTL.
         self._payload_sent: dict[str, float] = {}
@@ -51,12 +53,18 @@ class Recorder:
 
     async def __call__(self, call: Call, next: Next) -> Reply:
         reply = await next(call)
-        # Only calls the server answered are worth replaying.
-        if reply.status == 200 and (not self.allow or call.request.model in self.allow):
+        # Only calls the server answered are worth replaying; unmodelled ones cannot be keyed.
+        if reply.status == 200 and call.modelled and (not self.allow or call.request.model in self.allow):
+            size = len(call.wire.body) if call.wire is not None else 0
+            if self._queued_bytes + size > self.cfg.queue_bytes:
+                self.metrics.record_dropped.inc()
+                return reply
             try:
                 self._queue.put_nowait(call)
             except asyncio.QueueFull:
                 self.metrics.record_dropped.inc()
+            else:
+                self._queued_bytes += size
         return reply
 
     async def run(self) -> None:
@@ -67,13 +75,25 @@ class Recorder:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout_at(next_flush):
                     while True:
-                        self._observe(await self._queue.get())
+                        await self._observe_safely(await self._queue.get())
             next_flush = loop.time() + self.cfg.flush_interval
             await self.flush()
 
-    def _observe(self, call: Call) -> None:
+    async def _observe_safely(self, call: Call) -> None:
+        """One bad call is dropped and counted; it never stops the recorder."""
+        size = len(call.wire.body) if call.wire is not None else 0
+        self._queued_bytes -= size
+        try:
+            # Hashing a large call takes milliseconds; hashlib releases the GIL, so a thread keeps the loop free.
+            key = await asyncio.to_thread(request_key, call.request) if size > _HASH_INLINE else request_key(
+                call.request)
+            self._observe(call, key)
+        except Exception as e:
+            self.metrics.record_errors.inc()
+            log.warning("a call could not be recorded (%s); dropped", type(e).__name__)
+
+    def _observe(self, call: Call, key: str) -> None:
         req = call.request
-        key = request_key(req)
         memory = self._models.get(req.model)
         if memory is None:
             memory = self._models[req.model] = _ModelMemory(self.capacity)
@@ -86,17 +106,18 @@ class Recorder:
         self.metrics.recorded.inc()
 
     def _payload_for(self, key: str, call: Call) -> bytes:
-        if len(call.body) > self.cfg.max_payload_bytes:
+        wire = call.wire
+        if wire is None or len(wire.body) > self.cfg.max_payload_bytes:
             return b""
         sent = self._payload_sent.get(key)
         if sent is not None and time.time() - sent < self.cfg.payload_ttl / 2:
             return b""  # the store has it; b"" keeps what it has
-        return payload.encode(payload.RecordedCall.of(call.path, call.headers, call.body))
+        return payload.encode(payload.RecordedCall.from_wire(wire.target, wire.headers, wire.body))
 
     async def close(self) -> None:
         """Record what is still queued, then write it: a shutdown loses nothing that was seen."""
         while not self._queue.empty():
-            self._observe(self._queue.get_nowait())
+            await self._observe_safely(self._queue.get_nowait())
         await self.flush()
 
     async def flush(self) -> None:

@@ -1,46 +1,98 @@
 """The stage contract: an ordered list of small async callables, like Envoy filters.
 
-Each stage receives a :class:`Call` and the ``next`` callable; it may answer by
-itself (a cache hit, a gate while draining) or await ``next``. The last callable
-is the upstream client. The list is built in one place, ``sidecar.app``.
+Each stage receives a :class:`Call` and the ``next`` callable; it may answer by itself (a cache
+hit, a gate while draining) or await ``next``. The last callable is the upstream. The list is
+built in one place, ``sidecar.app``.
+
+The contract is protocol-neutral: a stage sees the canonical request and answers with a
+:class:`Reply` whose canonical response (tensors) any front can encode for its own caller. The
+caller's wire form rides along (``Call.wire``) so an untouched call is forwarded byte for byte,
+and the upstream's own answer (``Reply.wire``) goes back unchanged to the caller it was for.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
-from ..protocols.request import InferenceRequest
+from ..protocols.request import InferenceRequest, InferenceResponse
 
-Headers = tuple[tuple[str, str], ...]
+Header = tuple[bytes, bytes]
 
 
 @dataclass(frozen=True, slots=True)
+class HttpWire:
+    """An HTTP caller's request exactly as it goes upstream: raw target, end-to-end headers, body."""
+
+    target: bytes
+    headers: tuple[Header, ...]
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class HttpAnswer:
+    """The model server's own HTTP answer: status, reason, end-to-end headers and body."""
+
+    status: int
+    reason: bytes
+    headers: tuple[Header, ...]
+    body: bytes
+
+
+@dataclass(slots=True, eq=False)
 class Call:
-    """One inference call as the stages see it: canonical request plus what travels upstream."""
+    """One inference call as the stages see it."""
 
     request: InferenceRequest
-    path: str
-    query: str
-    # Request headers to forward (hop-by-hop ones already removed).
-    headers: Headers
-    # Exactly the bytes to send upstream; a stage that rewrites the request replaces them.
-    body: bytes
     request_id: str
-    # Absolute deadline on the event loop's clock.
-    deadline: float
-    route: str = "infer"
+    deadline: float  # absolute, on the event loop's clock
+    # The caller's own request; None for calls the sidecar builds (batches, the warm-up sweep).
+    wire: HttpWire | None = None
+    # False when the codecs could not model the call: it goes upstream untouched, unrecorded, uncached.
+    modelled: bool = True
+    route: str = "infer"  # metrics label
+    origin: str = "http"  # http | grpc | warmup
 
 
-@dataclass(slots=True)
+Decoder = Callable[[], InferenceResponse]
+
+
 class Reply:
-    status: int
-    headers: list[tuple[str, str]]
-    body: bytes
-    reason: str = ""
-    # Which stage produced the answer, for metrics and the x-sidecar-source header.
-    source: str = field(default="upstream")
+    """An answer: the upstream's own wire answer for the call that produced it, and/or the canonical
+    response (decoded on first use, since a pass-through answer usually never needs it)."""
+
+    __slots__ = ("_decode", "_response", "cache", "for_call", "source", "status", "wire")
+
+    def __init__(self, status: int, *, wire: HttpAnswer | None = None, for_call: Call | None = None,
+                 response: InferenceResponse | None = None, decode: Decoder | None = None,
+                 source: str = "upstream", cache: str = "") -> None:
+        self.status = status
+        self.wire = wire
+        self.for_call = for_call
+        self.source = source
+        self.cache = cache
+        self._response = response
+        self._decode = decode
+
+    def __repr__(self) -> str:
+        return f"<Reply {self.status} from {self.source}{' wire' if self.wire else ''}>"
+
+    @property
+    def ok(self) -> bool:
+        return self.status == 200
+
+    def response(self) -> InferenceResponse:
+        """The canonical answer; raises DecodeError when the upstream's answer cannot be modelled."""
+        if self._response is None:
+            if self._decode is None:
+                raise ValueError("this reply carries no canonical response")
+            self._response = self._decode()
+        return self._response
+
+    def raw_for(self, call: Call) -> HttpAnswer | None:
+        """The upstream's own bytes, when they answer exactly this caller's request."""
+        return self.wire if self.for_call is call else None
 
 
 Next = Callable[[Call], Awaitable[Reply]]

@@ -1,11 +1,24 @@
-"""Which codec owns a path, and a metrics label for every path. Pure functions."""
+"""Which codec owns an HTTP path, and the HTTP forms of requests and answers. Pure functions.
+
+Every decision is taken on the raw path the model server will receive (still percent-encoded,
+never normalised): Triton and TF Serving route on exactly that, so the sidecar must too.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
-from . import kserve_http, tfserving_rest
-from .request import InferenceRequest, Protocol
+from ..errors import DecodeError
+from . import compression, kserve_http, tfserving_rest
+from .request import InferenceRequest, InferenceResponse, Protocol
+
+Header = tuple[bytes, bytes]
+JSON = b"application/json"
+OCTET = b"application/octet-stream"
+HEADER_LENGTH = b"inference-header-content-length"
+# Request-level parameters with which a caller asks for every output in the binary section.
+BINARY_OUTPUT_PARAM = "binary_data_output"
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +48,70 @@ def decode(route: InferenceRoute, body: bytes, header_length: int | None) -> Inf
     if route.protocol is Protocol.KSERVE_HTTP:
         return kserve_http.decode_request(route.model, route.version, body, header_length)
     return tfserving_rest.decode_request(route.model, route.version, route.label, route.method, body)
+
+
+def decode_wire(route: InferenceRoute, body: bytes, header_length: bytes | None, encoding: bytes | None,
+                limit: int) -> InferenceRequest:
+    """Decode a request as it came off the wire; DecodeError when it cannot be modelled.
+
+    ``header_length`` and ``encoding`` are the raw Inference-Header-Content-Length and
+    Content-Encoding header values; ``limit`` bounds the decompressed size."""
+    if encoding is not None:
+        body = compression.decompress(encoding, body, limit)
+    return decode(route, body, parse_length(header_length))
+
+
+def parse_length(value: bytes | None) -> int | None:
+    """A strict non-negative decimal (ASCII digits only, at most 19 of them); DecodeError otherwise."""
+    if value is None:
+        return None
+    text = value.strip()
+    if not text or len(text) > 19 or not text.isdigit():  # bytes.isdigit is ASCII-only
+        raise DecodeError("Inference-Header-Content-Length: expected a non-negative integer")
+    return int(text)
+
+
+def decode_answer(request: InferenceRequest, headers: tuple[Header, ...], body: bytes,
+                  limit: int) -> InferenceResponse:
+    """The canonical form of the model server's successful HTTP answer to ``request``."""
+    length = encoding = None
+    for k, v in headers:
+        lower = k.lower()
+        if lower == HEADER_LENGTH:
+            length = v
+        elif lower == b"content-encoding":
+            encoding = v
+    if encoding is not None:
+        body = compression.decompress(encoding, body, limit)
+    if request.protocol is Protocol.TFSERVING_REST:
+        return tfserving_rest.decode_response(request.method, body, tfserving_rest.row_format(request))
+    return kserve_http.decode_response(body, parse_length(length))
+
+
+def encode_answer(request: InferenceRequest, response: InferenceResponse) -> tuple[list[Header], bytes]:
+    """The answer for the caller of ``request``, in its own protocol and encoding, with its own id.
+
+    ValueError when the response cannot take the form the caller needs."""
+    if request.protocol is Protocol.TFSERVING_REST:
+        body = tfserving_rest.encode_response(response, request.method, tfserving_rest.row_format(request))
+        return [(b"Content-Type", JSON)], body
+    outputs = response.outputs
+    if request.outputs:
+        by_name = {t.name: t for t in outputs}
+        outputs = tuple(by_name[o.name] for o in request.outputs if o.name in by_name)
+    wanted = dataclasses.replace(response, outputs=outputs, id=request.id)
+    body, header_length = kserve_http.encode_response(wanted, binary_outputs(request, wanted))
+    if header_length is None:
+        return [(b"Content-Type", JSON)], body
+    return [(b"Content-Type", OCTET), (b"Inference-Header-Content-Length", b"%d" % header_length)], body
+
+
+def binary_outputs(request: InferenceRequest, response: InferenceResponse) -> frozenset[str]:
+    """The outputs the caller asked to receive in the binary section (Triton's rules)."""
+    everything = any(k == BINARY_OUTPUT_PARAM and v == "true" for k, v in request.parameters)
+    asked = {o.name: o.binary for o in request.outputs}
+    return frozenset(t.name for t in response.outputs
+                     if asked.get(t.name) is True or (everything and asked.get(t.name) is not False))
 
 
 def route_label(path: str) -> str:

@@ -14,9 +14,11 @@ Wire facts relied on (Triton ``docs/protocol/extension_binary_data.md`` and ``ht
   JSON round trip is bit-exact.
 
 Decoding is stricter than Triton in one way: Triton silently truncates out-of-range JSON integers
-(300 for a UINT8), here that is a :class:`DecodeError`. Input-level parameters other than
-``binary_data_size`` are dropped (they describe the wire, e.g. KServe's ``content_type``);
-shared-memory inputs are refused because their data is not in the body.
+(300 for a UINT8), here that is a :class:`DecodeError` (the call is then forwarded unmodelled, and
+Triton answers it as it always does). Input-level parameters other than
+``binary_data_size``, shared-memory tensors and fields the codec does not know raise
+:class:`DecodeError`: the front then forwards such a call untouched (the model server answers it)
+instead of modelling it. :func:`refuse_unsafe` is the one refusal of the sidecar's own.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import numpy as np
 import numpy.typing as npt
 import orjson
 
-from ..errors import DecodeError
+from ..errors import DecodeError, UnsafeInput
 from .request import (
     DATATYPE_SIZES,
     InferenceRequest,
@@ -104,6 +106,10 @@ def decode_request(model: str, version: str, body: bytes, header_length: int | N
     Raises :class:`DecodeError` naming the offending field for any malformed input.
     """
     doc, section = _split_body(body, header_length)
+    refuse_unsafe(doc, len(body))
+    unknown = doc.keys() - _REQUEST_KEYS
+    if unknown:
+        raise DecodeError(f"{sorted(unknown)[0]}: a field the sidecar does not model")
     inputs = _list_of_dicts(doc, "inputs", required=True)
     tensors = tuple(_decode_tensor(obj, f"inputs[{i}]", section) for i, obj in enumerate(inputs))
     section.finish()
@@ -120,7 +126,6 @@ def decode_request(model: str, version: str, body: bytes, header_length: int | N
         outputs=outputs,
         parameters=_params(doc),
         id=_optional_str(doc, "id"),
-        wire=body,
     )
 
 
@@ -139,8 +144,39 @@ def decode_response(body: bytes, header_length: int | None) -> InferenceResponse
         outputs=tensors,
         parameters=_params(doc),
         id=_optional_str(doc, "id"),
-        wire=body,
     )
+
+
+# "model_name"/"model_version" in a request body are ignored by Triton (the path decides); Triton's own
+# documentation examples carry them.
+_REQUEST_KEYS = frozenset({"id", "parameters", "inputs", "outputs", "model_name", "model_version"})
+# Input parameters that describe the wire only: dropped from the canonical tensor.
+_WIRE_INPUT_PARAMS = frozenset({"binary_data_size", "content_type"})
+# Triton reserves memory for the shape a JSON tensor declares before it counts the data: a tiny body
+# declaring 2^34 elements aborts it (std::length_error / bad_alloc). A declared size this large that
+# the body cannot possibly hold is refused here; smaller mismatches get the server's own answer.
+UNSAFE_DECLARED_BYTES = 16 * 1024 * 1024
+
+
+def refuse_unsafe(doc: dict[str, Any], body_length: int) -> None:
+    """UnsafeInput for a JSON-data input whose shape declares far more than the body holds.
+
+    Runs before any other check, and tolerates malformed entries: a call the codec cannot model still
+    goes to the model server, so the danger must be caught whatever else is wrong with it."""
+    inputs = doc.get("inputs")
+    for i, obj in enumerate(inputs if isinstance(inputs, list) else ()):
+        if not isinstance(obj, dict) or "data" not in obj:
+            continue
+        shape = obj.get("shape")
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            continue
+        count = element_count(tuple(shape))
+        size = DATATYPE_SIZES.get(obj.get("datatype"), 8) or 8  # type: ignore[arg-type]
+        if count > body_length and count * size > UNSAFE_DECLARED_BYTES:
+            raise UnsafeInput(
+                f"inputs[{i}].shape: declares {count} elements, far more than the {body_length}-byte body "
+                "holds; refused because the model server would reserve memory for them"
+            )
 
 
 class _BinarySection:
@@ -199,8 +235,10 @@ def _decode_tensor(obj: dict[str, Any], field: str, section: _BinarySection) -> 
     params = obj.get("parameters", {})
     if not isinstance(params, dict):
         raise DecodeError(f"{field}.parameters: expected an object")
-    if "shared_memory_region" in params:
-        raise DecodeError(f"{field}.parameters.shared_memory_region: shared-memory tensors are not supported")
+    unknown = params.keys() - _WIRE_INPUT_PARAMS
+    if unknown:
+        # Shared-memory inputs (data not in the body) and parameters the codec does not know.
+        raise DecodeError(f"{field}.parameters.{sorted(unknown)[0]}: not modelled by the sidecar")
     has_data, has_binary = "data" in obj, "binary_data_size" in params
     if has_data == has_binary:
         raise DecodeError(f"{field}: expected exactly one of 'data' or 'parameters.binary_data_size'")
@@ -221,6 +259,8 @@ def _decode_requested_output(obj: dict[str, Any], field: str) -> RequestedOutput
     params = obj.get("parameters", {})
     if not isinstance(params, dict):
         raise DecodeError(f"{field}.parameters: expected an object")
+    if any(k.startswith("shared_memory") for k in params):
+        raise DecodeError(f"{field}.parameters: shared-memory outputs are not modelled by the sidecar")
     params = dict(params)
     binary = params.pop("binary_data", None)
     if binary is not None and type(binary) is not bool:

@@ -6,8 +6,8 @@ serialisation (each element a 4-byte little-endian length, then its bytes), so
 two requests that mean the same thing compare equal whatever wire form (JSON or
 binary extension) carried them.
 
-``wire`` fields hold the original bytes the caller sent. They take no part in
-equality: they let the sidecar forward a request it did not alter untouched.
+The caller's own wire bytes are not part of these values: they ride along on the stage
+contract's ``Call`` and ``Reply`` (``pipeline/stage.py``) for untouched forwarding.
 """
 
 from __future__ import annotations
@@ -121,9 +121,6 @@ class InferenceRequest:
     parameters: Params = ()
     # The caller's correlation id; echoed by the server but not part of identity.
     id: str = field(default="", compare=False)
-    # Original wire body and its content type, for untouched forwarding.
-    wire: bytes = field(default=b"", compare=False, repr=False)
-    wire_headers: tuple[tuple[str, str], ...] = field(default=(), compare=False, repr=False)
 
     def input(self, name: str) -> Tensor:
         for t in self.inputs:
@@ -140,5 +137,3 @@ class InferenceResponse:
     outputs: tuple[Tensor, ...] = ()
     parameters: Params = ()
     id: str = field(default="", compare=False)
-    wire: bytes = field(default=b"", compare=False, repr=False)
-    wire_headers: tuple[tuple[str, str], ...] = field(default=(), compare=False, repr=False)

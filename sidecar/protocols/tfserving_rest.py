@@ -218,7 +218,6 @@ def decode_request(model: str, version: str, label: str, method: str, body: byte
         method=method,
         inputs=inputs,
         parameters=freeze_params(params),
-        wire=body,
     )
 
 
@@ -241,7 +240,7 @@ def decode_response(method: str, body: bytes, row_format: bool) -> InferenceResp
         outputs = _decode_classifications(doc[key], key)
     else:
         outputs = (_to_tensor(REGRESSION_OUTPUTS, _numbers(doc[key], key), lambda _: key),)
-    return InferenceResponse(protocol=Protocol.TFSERVING_REST, model="", outputs=outputs, wire=body)
+    return InferenceResponse(protocol=Protocol.TFSERVING_REST, model="", outputs=outputs)
 
 
 def _check_method(method: str) -> None:

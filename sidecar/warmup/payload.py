@@ -30,16 +30,25 @@ class RecordedCall:
     def of(cls, path: str, headers: tuple[tuple[str, str], ...], body: bytes) -> RecordedCall:
         return cls(path, tuple((k, v) for k, v in headers if k.lower() in KEPT_HEADERS), body)
 
+    @classmethod
+    def from_wire(cls, target: bytes, headers: tuple[tuple[bytes, bytes], ...], body: bytes) -> RecordedCall:
+        """From an HTTP caller's raw request (header bytes kept exactly, through latin-1)."""
+        kept = tuple((k.decode("latin-1"), v.decode("latin-1")) for k, v in headers
+                     if k.lower().decode("latin-1") in KEPT_HEADERS)
+        return cls(target.decode("latin-1"), kept, body)
+
     def header(self, name: str) -> str | None:
         return next((v for k, v in self.headers if k.lower() == name), None)
 
-    def to_request(self) -> InferenceRequest:
+    def to_request(self, max_decoded_bytes: int = 1 << 30) -> InferenceRequest:
         """Decode with the codec its path names; raises DecodeError (or ValueError) when it cannot."""
-        route = dispatch.match(self.path)
+        route = dispatch.match(self.path.partition("?")[0])
         if route is None:
             raise ValueError(f"recorded path {self.path!r} is not an inference path")
         length = self.header("inference-header-content-length")
-        return dispatch.decode(route, self.body, int(length) if length is not None else None)
+        encoding = self.header("content-encoding")
+        return dispatch.decode_wire(route, self.body, None if length is None else length.encode("latin-1"),
+                                    None if encoding is None else encoding.encode("latin-1"), max_decoded_bytes)
 
 
 def encode(call: RecordedCall) -> bytes:

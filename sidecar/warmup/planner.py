@@ -8,6 +8,7 @@ maximum when nothing is recorded), built by stacking rows of recorded or seed re
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +26,13 @@ from .store import TrafficStore
 log = logging.getLogger("sidecar.planner")
 
 JSON = "application/json"
+
+
+NO_BATCH = 0  # PlannedCall.batch of a model without a batch dimension
+
+
+def batch_text(batch: int) -> str:
+    return "-" if batch == NO_BATCH else str(batch)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,11 +71,11 @@ class Plan:
         lines = [f"warm-up plan: {len(self.models)} model(s), {self.total_calls} call(s) per pass"]
         for m in self.models:
             kinds = {k: sum(c.kind == k for c in m.calls) for k in ("recorded", "seed", "sweep")}
-            batches = sorted({c.batch for c in m.calls})
+            batches = sorted({c.batch for c in m.calls if c.batch != NO_BATCH})
+            sizes = f"batch sizes {batches}" if m.max_batch else "no batch dimension"
             lines.append(
                 f"  {m.model}: {m.share:6.1%} of traffic, max batch {m.max_batch or '-'}; "
-                f"{kinds['recorded']} recorded, {kinds['seed']} seed, {kinds['sweep']} sweep; "
-                f"batch sizes {batches}"
+                f"{kinds['recorded']} recorded, {kinds['seed']} seed, {kinds['sweep']} sweep; {sizes}"
             )
         return "\n".join(lines) + "\n"
 
@@ -100,6 +108,9 @@ class Planner:
         recorded = await self.recorded(model)
         base = recorded + seeds
         max_batch = await self.max_batch_of(model, protocol) or 0
+        if max_batch == 0:
+            # No batch dimension (or none known): a leading dimension is part of the shape, not a batch size.
+            base = [dataclasses.replace(c, batch=NO_BATCH) for c in base]
         plan = ModelPlan(model, share, max_batch, base)
         if max_batch > 0 and base:
             histogram = {batch for _shape, batch, _w in await self.store.shapes(model)}

@@ -17,14 +17,13 @@ from dataclasses import dataclass, field
 from ..config import WarmupConfig
 from ..errors import SidecarError
 from ..metrics import Metrics
-from ..pipeline.stage import Call, Reply
-from .planner import Plan, PlannedCall
+from ..pipeline.stage import Call, HttpWire, Reply
+from .planner import Plan, PlannedCall, batch_text
 
 log = logging.getLogger("sidecar.warmup")
 
 Send = Callable[[Call], Awaitable[Reply]]
 _NOISE_FLOOR = 0.001  # seconds
-OnAnswer = Callable[[PlannedCall, Reply], None]  # the cache stage's hook: store replayed answers
 
 
 @dataclass
@@ -53,19 +52,19 @@ class WarmupReport:
         for g in sorted(self.groups.values(), key=lambda g: (g.model, g.batch, g.shape)):
             passes = " -> ".join(f"{s * 1e3:.1f}" for s in g.passes) or "-"
             state = "warm" if g.converged else ("failed" if g.failed and not g.passes else "not converged")
-            lines.append(f"  {g.model:<20} batch {g.batch:<4} {state:<13} pass latencies ms: {passes}   {g.shape}")
+            lines.append(f"  {g.model:<20} batch {batch_text(g.batch):<4} {state:<13} pass latencies ms: {passes}   "
+                         f"{g.shape}")
         lines.extend(f"  error: {e}" for e in self.errors[-10:])
         return "\n".join(lines) + "\n"
 
 
 class Replayer:
     def __init__(self, cfg: WarmupConfig, send: Send, metrics: Metrics, timeout: float,
-                 on_answer: OnAnswer | None = None, on_progress: Callable[[float], None] | None = None) -> None:
+                 on_progress: Callable[[float], None] | None = None) -> None:
         self.cfg = cfg
         self.send = send
         self.metrics = metrics
         self.timeout = timeout
-        self.on_answer = on_answer
         self.report = WarmupReport()
         self.on_progress = on_progress or (lambda _p: None)
 
@@ -125,27 +124,28 @@ class Replayer:
 
     async def _replay(self, call: PlannedCall, report: WarmupReport) -> float | None:
         loop = asyncio.get_running_loop()
-        wire = Call(request=call.request, path=call.path, query="", headers=call.headers, body=call.body,
-                    request_id=f"warmup-{call.kind}", deadline=loop.time() + self.timeout, route="warmup")
+        headers = tuple((k.encode("latin-1"), v.encode("latin-1")) for k, v in call.headers)
+        wire = HttpWire(call.path.encode("latin-1"), headers, call.body)
+        replayed = Call(call.request, f"warmup-{call.kind}", loop.time() + self.timeout, wire, route="warmup",
+                        origin="warmup")
         started = time.perf_counter()
         try:
-            reply = await self.send(wire)
+            reply = await self.send(replayed)
         except SidecarError as e:
             self._failed(call, report, e.message)
             return None
         if reply.status != 200:
-            self._failed(call, report, f"HTTP {reply.status}: {reply.body[:200].decode(errors='replace')}")
+            # The status only: the model server's error text can quote input values.
+            self._failed(call, report, f"the model server answered HTTP {reply.status}")
             return None
         self.metrics.replayed.labels(self.metrics.model_label(call.model), "ok").inc()
-        if self.on_answer is not None:
-            self.on_answer(call, reply)
         return time.perf_counter() - started
 
     def _failed(self, call: PlannedCall, report: WarmupReport, why: str) -> None:
         self.metrics.replayed.labels(self.metrics.model_label(call.model), "error").inc()
         report.groups[(call.model, call.shape)].failed += 1
-        report.errors.append(f"{call.model} batch {call.batch} ({call.kind}): {why}")
-        log.warning("warm-up call failed and is dropped: %s batch %d (%s): %s", call.model, call.batch,
+        report.errors.append(f"{call.model} batch {batch_text(call.batch)} ({call.kind}): {why}")
+        log.warning("warm-up call failed and is dropped: %s batch %s (%s): %s", call.model, batch_text(call.batch),
                     call.kind, why)
 
     def _record_pass(self, report: WarmupReport, latencies: list[tuple[PlannedCall, float | None]]) -> None:

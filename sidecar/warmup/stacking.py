@@ -61,4 +61,4 @@ def stack(requests: Sequence[InferenceRequest], batch: int) -> InferenceRequest:
                b"".join(rows_by_input[t.name][i % total] for i in range(batch)))
         for t in requests[0].inputs
     )
-    return dataclasses.replace(requests[0], inputs=inputs, id="", wire=b"", wire_headers=())
+    return dataclasses.replace(requests[0], inputs=inputs, id="")

@@ -231,6 +231,9 @@ def _storable(payload: bytes, limits: StoreLimits) -> bytes:
 
 # -- SQLite -----------------------------------------------------------------------------------------
 
+_WAL_LIMIT = 4 * 1024 * 1024  # bytes of write-ahead log kept after a checkpoint
+_PAYLOAD_CHUNK = 2 * 1024 * 1024  # bytes of payloads written per transaction
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value REAL NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS entries (
@@ -285,6 +288,19 @@ SELECT e.key, e.score, e.shape, e.batch, p.data FROM entries e
 JOIN payloads p ON p.model = e.model AND p.key = e.key
 WHERE e.model = ? AND e.last_seen >= ? ORDER BY e.score DESC LIMIT ?
 """
+
+
+def _chunks(rows: list[tuple[str, str, int, bytes]], max_bytes: int) -> Iterator[list[tuple[str, str, int, bytes]]]:
+    chunk: list[tuple[str, str, int, bytes]] = []
+    size = 0
+    for row in rows:
+        if chunk and size + row[2] > max_bytes:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(row)
+        size += row[2]
+    if chunk:
+        yield chunk
 
 
 @contextlib.contextmanager
@@ -402,7 +418,14 @@ class SQLiteStore:
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=5.0, isolation_level=None)
         try:
+            # The byte budget holds on disk too: freed pages go back to the file system (incremental
+            # vacuum; an older file without it is vacuumed once), and the write-ahead log is truncated to
+            # a few MiB after each checkpoint instead of keeping its largest size.
+            if db.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:
+                db.execute("PRAGMA auto_vacuum=INCREMENTAL")
+                db.execute("VACUUM")
             db.execute("PRAGMA journal_mode=WAL")
+            db.execute(f"PRAGMA journal_size_limit={_WAL_LIMIT}")
             # A lost last flush after a power cut is acceptable for a cache; fsync per commit is not.
             db.execute("PRAGMA synchronous=NORMAL")
             db.executescript(_SCHEMA)
@@ -423,14 +446,22 @@ class SQLiteStore:
         with _transaction(db, "BEGIN IMMEDIATE"):  # IMMEDIATE: the epoch read below is the one we write with
             growth = self._growth(db, now)
             db.executemany(_UPSERT_ENTRY, [(s.model, s.key, s.count * growth, s.shape, s.batch, now) for s in samples])
-            payloads = [(s.model, s.key, _storable(s.payload, limits)) for s in samples]
-            db.executemany(_INSERT_PAYLOAD, [(m, k, len(p), p) for m, k, p in payloads if p])
             db.executemany(_UPSERT_SHAPE, [(s.model, s.shape, s.batch, s.count * growth) for s in samples])
             db.executemany(_UPSERT_MODEL, [(s.model, s.count * growth) for s in samples])
             for model in {s.model for s in samples}:
                 self._trim(db, model)
             db.execute(_DELETE_EXPIRED_PAYLOADS, (now - limits.payload_ttl,))
-            self._enforce_budget(db)
+        # Payloads go in transactions of a few MiB each, within the budget after each: one large flush
+        # must not grow the write-ahead log (or the file) past what the budget allows.
+        payloads = [(s.model, s.key, len(p), p) for s in samples if (p := _storable(s.payload, limits))]
+        for chunk in _chunks(payloads, _PAYLOAD_CHUNK):
+            with _transaction(db, "BEGIN IMMEDIATE"):
+                self._enforce_budget(db, incoming=sum(row[2] for row in chunk))  # room first: no transient excess
+                db.executemany(_INSERT_PAYLOAD, chunk)
+                self._enforce_budget(db)
+        db.execute("PRAGMA incremental_vacuum")
+        # Freed pages leave the file only once the log is checkpointed; PASSIVE never waits for readers.
+        db.execute("PRAGMA wal_checkpoint(PASSIVE)")
         return True
 
     def _growth(self, db: sqlite3.Connection, now: float) -> float:
@@ -470,10 +501,11 @@ class SQLiteStore:
                 (model, model, count - capacity),
             )
 
-    def _enforce_budget(self, db: sqlite3.Connection) -> None:
-        """Drops the lowest-weight payloads until all of them fit in ``max_total_bytes``."""
+    def _enforce_budget(self, db: sqlite3.Connection, incoming: int = 0) -> None:
+        """Drops the lowest-weight payloads until all of them (and ``incoming`` more bytes) fit in
+        ``max_total_bytes``."""
         (total,) = db.execute("SELECT coalesce(sum(size), 0) FROM payloads").fetchone()
-        excess = total - self.limits.max_total_bytes
+        excess = total + incoming - self.limits.max_total_bytes
         if excess <= 0:
             return
         rows = db.execute(

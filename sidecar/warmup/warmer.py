@@ -8,26 +8,30 @@ from __future__ import annotations
 import logging
 
 from ..config import Config
+from ..errors import SidecarError
 from ..metrics import Metrics
-from ..pipeline.upstream import UpstreamClient
+from ..pipeline.stage import Next
 from ..protocols.request import Protocol
 from ..state import StateMachine
+from ..upstream.http import HttpUpstream
 from .planner import Plan, Planner
-from .replayer import OnAnswer, Replayer, WarmupReport
+from .replayer import Replayer, WarmupReport
 from .store import TrafficStore
 
 log = logging.getLogger("sidecar.warmup")
 
 
 class Warmer:
-    def __init__(self, cfg: Config, store: TrafficStore, client: UpstreamClient, machine: StateMachine,
-                 metrics: Metrics, on_answer: OnAnswer | None = None) -> None:
+    def __init__(self, cfg: Config, store: TrafficStore, client: HttpUpstream, machine: StateMachine,
+                 metrics: Metrics, send: Next | None = None) -> None:
+        """``send``: where replayed calls enter the pipeline (the response cache, so its answers fill it);
+        by default straight to the model server."""
         self.cfg = cfg
         self.client = client
         self.machine = machine
         self.metrics = metrics
         self.planner = Planner(cfg, store, self.max_batch_of)
-        self.replayer = Replayer(cfg.warmup, client.send, metrics, cfg.upstream.timeout, on_answer,
+        self.replayer = Replayer(cfg.warmup, send or client.send, metrics, cfg.upstream.timeout,
                                  on_progress=self._progress)
         self.plan = Plan()
         self.report: WarmupReport | None = None
@@ -42,9 +46,15 @@ class Warmer:
             return True
         self.runs += 1
         self._progress(0.0)
-        self.plan = await self.planner.build(protocol)
-        log.info("warm-up %d: %s", self.runs, self.plan.render().strip())
-        self.report = await self.replayer.run(self.plan)
+        try:
+            self.plan = await self.planner.build(protocol)
+            log.info("warm-up %d: %s", self.runs, self.plan.render().strip())
+            self.report = await self.replayer.run(self.plan)
+        except (SidecarError, OSError, ValueError) as e:
+            # The store or the model server failed us: warm-up is best effort unless it is required.
+            self.metrics.warmup_incomplete.inc()
+            log.warning("warm-up %d could not run (%s)", self.runs, getattr(e, "message", type(e).__name__))
+            return not self.cfg.warmup.require_complete
         log.info("warm-up %d done: %s", self.runs, self.report.render().strip())
         return self.report.complete or not self.cfg.warmup.require_complete
 

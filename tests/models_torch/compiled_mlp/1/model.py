@@ -46,7 +46,7 @@ class TritonPythonModel:
         if not cache_dir:
             cache_dir = self._own_cache = tempfile.mkdtemp(prefix="compiled_mlp-inductor-")
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache_dir  # read by Inductor when it first needs it
-        # torch needs a UTF-8 locale, which the python-backend stub does not set (DESIGN.md).
+        # torch needs a UTF-8 locale, which the python-backend stub does not set (docs/architecture.md).
         locale.setlocale(locale.LC_ALL, "C.UTF-8")
         import torch
         import torch._dynamo.config

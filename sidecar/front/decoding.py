@@ -1,0 +1,68 @@
+"""Decoding inference bodies without stalling the event loop.
+
+A body up to ``inline_bytes`` decodes on the loop (tens of microseconds). A larger one decodes in a
+worker process: parsing 64 MiB of JSON, or five million nested rows, holds the interpreter for
+seconds, and a thread would not help (the parser holds the GIL), while the probes on the admin
+port share this loop and Kubernetes' default probe timeout is one second.
+
+A worker that dies (an allocation the kernel refused, a crash) is replaced; the call it was decoding
+is treated as one the codecs cannot model, so it still goes to the model server untouched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import multiprocessing
+from concurrent.futures.process import BrokenProcessPool
+
+from ..errors import DecodeError
+from ..protocols import dispatch
+from ..protocols.request import InferenceRequest
+
+log = logging.getLogger("sidecar.decode")
+
+
+class RequestDecoder:
+    def __init__(self, inline_bytes: int, workers: int, max_decoded_bytes: int) -> None:
+        self.inline_bytes = inline_bytes
+        self.workers = workers
+        self.max_decoded_bytes = max_decoded_bytes
+        self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+        self.offloaded = 0
+
+    def __repr__(self) -> str:
+        return f"<RequestDecoder inline<={self.inline_bytes} workers={self.workers} offloaded={self.offloaded}>"
+
+    async def decode(self, route: dispatch.InferenceRoute, body: bytes, header_length: bytes | None,
+                     encoding: bytes | None) -> InferenceRequest:
+        """The canonical request; DecodeError when the codecs cannot model it, UnsafeInput to refuse it."""
+        if len(body) <= self.inline_bytes or self.workers == 0:
+            return dispatch.decode_wire(route, body, header_length, encoding, self.max_decoded_bytes)
+        self.offloaded += 1
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor(), dispatch.decode_wire, route, body, header_length,
+                                              encoding, self.max_decoded_bytes)
+        except BrokenProcessPool:
+            log.warning("a decoding worker died; replacing it (the call goes upstream unmodelled)")
+            self._pool = None
+            raise DecodeError("body: the decoding worker failed on it") from None
+
+    def _executor(self) -> concurrent.futures.ProcessPoolExecutor:
+        if self._pool is None:
+            # forkserver: workers start from a clean process, not a copy of this one's loop and sockets.
+            context = multiprocessing.get_context("forkserver")
+            self._pool = concurrent.futures.ProcessPoolExecutor(self.workers, mp_context=context)
+        return self._pool
+
+    def start(self) -> None:
+        """Start the workers now, so the first large body does not pay for it."""
+        if self.workers:
+            self._executor().submit(int)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
