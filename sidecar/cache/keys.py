@@ -12,8 +12,14 @@ import struct
 
 from ..protocols.request import InferenceRequest, Params
 
-# Parameters that only choose a wire form, not the answer.
-_WIRE_ONLY_PARAMS = frozenset({"binary_data_output", "binary_data_size", "binary_data"})
+# Parameters that only choose a wire form or a scheduling hint, not the answer.
+_WIRE_ONLY_PARAMS = frozenset({"binary_data_output", "binary_data_size", "binary_data", "priority", "timeout"})
+# TF Serving REST's row or columnar form (``instances``/``predictions`` or ``inputs``/``outputs``) holds the
+# same tensors and gets the same answer: one cached answer serves both, encoded for each caller. Only for
+# TF Serving, whose request parameters are the codec's own; a KServe parameter "format" reaches the model.
+_TF_CACHE_WIRE_ONLY = _WIRE_ONLY_PARAMS | {"format"}
+# Parameters of stateful (sequence) calls: their answer depends on what came before.
+_SEQUENCE_PARAMS = frozenset({"sequence_id", "sequence_start", "sequence_end"})
 
 
 def _frame(h: hashlib.blake2b, *parts: bytes) -> None:
@@ -23,8 +29,8 @@ def _frame(h: hashlib.blake2b, *parts: bytes) -> None:
         h.update(part)
 
 
-def _params(h: hashlib.blake2b, params: Params) -> None:
-    kept = [(k, v) for k, v in params if k not in _WIRE_ONLY_PARAMS]
+def _params(h: hashlib.blake2b, params: Params, wire_only: frozenset[str] = _WIRE_ONLY_PARAMS) -> None:
+    kept = [(k, v) for k, v in params if k not in wire_only]
     h.update(struct.pack("<I", len(kept)))
     for k, v in kept:
         _frame(h, k.encode(), v.encode())
@@ -32,11 +38,29 @@ def _params(h: hashlib.blake2b, params: Params) -> None:
 
 def request_key(req: InferenceRequest) -> str:
     """Hex digest (128 bits) of the request's identity."""
-    h = hashlib.blake2b(digest_size=16)
+    return _identity(req, 16).hexdigest()
+
+
+def cache_key(req: InferenceRequest, generation: str, scope: bytes = b"") -> bytes:
+    """256-bit digest of a cached answer's identity: the request's, the generation of the model that
+    answers it (versions served, reloads seen: an unversioned call never gets an answer of a version
+    no longer loaded) and the caller's scope (a tenant header's value, when configured)."""
+    h = _identity(req, 32, cache=True)
+    _frame(h, generation.encode(), scope)
+    return h.digest()
+
+
+def is_stateful(req: InferenceRequest) -> bool:
+    """A call of a sequence (Triton's sequence batcher): never cached, never batched with others."""
+    return any(k in _SEQUENCE_PARAMS for k, _ in req.parameters)
+
+
+def _identity(req: InferenceRequest, size: int, cache: bool = False) -> hashlib.blake2b:
+    h = hashlib.blake2b(digest_size=size)
     # KServe HTTP and gRPC calls of one model are the same call; so are TF REST and gRPC.
     family = "kserve" if req.protocol.value.startswith("kserve") else "tfserving"
     _frame(h, family.encode(), req.model.encode(), req.version.encode(), req.method.encode())
-    _params(h, req.parameters)
+    _params(h, req.parameters, _TF_CACHE_WIRE_ONLY if cache and family == "tfserving" else _WIRE_ONLY_PARAMS)
     h.update(struct.pack("<I", len(req.inputs)))
     for t in sorted(req.inputs, key=lambda t: t.name):
         _frame(h, t.name.encode(), t.datatype.encode(), struct.pack(f"<{len(t.shape)}q", *t.shape), t.data)
@@ -44,7 +68,7 @@ def request_key(req: InferenceRequest) -> str:
     for o in sorted(req.outputs, key=lambda o: o.name):
         _frame(h, o.name.encode())
         _params(h, o.parameters)
-    return h.hexdigest()
+    return h
 
 
 def shape_signature(req: InferenceRequest) -> str:

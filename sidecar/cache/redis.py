@@ -1,0 +1,188 @@
+"""The shared tier: answers in a Redis every replica reads, behind hard timeouts and a circuit breaker.
+
+Redis is an optimisation, never a dependency. A read waits at most ``timeout`` (a few ms); a read
+that fails or times out is a miss. After ``failures`` consecutive failures the breaker opens: for
+``cooldown`` seconds (doubling while Redis stays bad, at most a minute) no call is even tried, then
+one probe decides. Writes never make a caller wait: they queue (bounded, the overflow dropped and
+counted) for a background writer, which pipelines them with their TTL.
+
+Keys: ``<namespace>:c:<generation digest>:<request digest>`` where the generation digest covers the
+model, the versions the server reports and the fleet-wide epoch of that model
+(``<namespace>:e:<model>``, incremented by a flush or a reload). Bumping the epoch makes a model's
+earlier entries unreachable for every replica at its next epoch refresh; the TTL reclaims them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import hashlib
+import logging
+import time
+from collections.abc import Callable, Iterable
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+log = logging.getLogger("sidecar.cache")
+
+_WRITE_QUEUE = 1024
+_MAX_COOLDOWN = 60.0
+
+
+class Breaker:
+    """Closed (calls go), open (calls skipped until the cooldown ends), half-open (one probe goes)."""
+
+    def __init__(self, failures: int, cooldown: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.threshold = failures
+        self.base_cooldown = cooldown
+        self.cooldown = cooldown
+        self.clock = clock
+        self.consecutive = 0
+        self.open_until = 0.0
+        self.probing = False
+        self.opened = 0  # times it opened, for metrics
+
+    def __repr__(self) -> str:
+        return f"<Breaker {self.state} consecutive={self.consecutive}>"
+
+    @property
+    def state(self) -> str:
+        if self.open_until == 0.0:
+            return "closed"
+        return "half-open" if self.clock() >= self.open_until else "open"
+
+    def allow(self) -> bool:
+        if self.open_until == 0.0:
+            return True
+        if self.clock() < self.open_until or self.probing:
+            return False
+        self.probing = True  # one probe at a time decides
+        return True
+
+    def success(self) -> None:
+        if self.open_until:
+            log.info("Redis cache tier reachable again; breaker closed")
+        self.consecutive = 0
+        self.open_until = 0.0
+        self.probing = False
+        self.cooldown = self.base_cooldown
+
+    def failure(self) -> None:
+        self.consecutive += 1
+        if self.probing or (self.open_until == 0.0 and self.consecutive >= self.threshold):
+            if self.open_until == 0.0:
+                log.warning("Redis cache tier failing (%d in a row); skipping it for %.1f s", self.consecutive,
+                            self.cooldown)
+            else:
+                self.cooldown = min(self.cooldown * 2, _MAX_COOLDOWN)
+            self.open_until = self.clock() + self.cooldown
+            self.probing = False
+            self.opened += 1
+
+
+class RedisTier:
+    def __init__(self, url: str, namespace: str, timeout: float, breaker: Breaker) -> None:
+        self.namespace = namespace
+        self.timeout = timeout
+        self.breaker = breaker
+        self.errors: dict[str, int] = {}  # kind -> count: timeout, error, write, epoch
+        # No retries: a retry would blow the per-call budget. The socket timeouts back the asyncio
+        # timeout so a half-open TCP connection cannot hold a pool slot for long.
+        self.client = aioredis.Redis.from_url(url, socket_timeout=max(timeout * 20, 0.5),
+                                              socket_connect_timeout=max(timeout * 20, 0.5), retry=None,
+                                              health_check_interval=0)
+        self._writes: collections.deque[tuple[bytes, bytes, int]] = collections.deque(maxlen=_WRITE_QUEUE)
+        self._wake = asyncio.Event()
+        self.dropped_writes = 0
+        self.epochs: dict[str, int] = {}
+
+    def __repr__(self) -> str:
+        return f"<RedisTier {self.breaker!r} pending_writes={len(self._writes)}>"
+
+    def key(self, model: str, versions: str, digest: bytes) -> bytes:
+        generation = hashlib.blake2b(f"{model}\n{versions}\n{self.epochs.get(model, 0)}".encode(),
+                                     digest_size=8).hexdigest()
+        return f"{self.namespace}:c:{generation}:".encode() + digest.hex().encode()
+
+    async def get(self, key: bytes) -> bytes | None:
+        """The stored bytes, or None on a miss, a failure, a timeout or an open breaker."""
+        if not self.breaker.allow():
+            return None
+        try:
+            async with asyncio.timeout(self.timeout):
+                data = await self.client.get(key)
+        except TimeoutError:
+            self._failed("timeout")
+            return None
+        except (RedisError, OSError):
+            self._failed("error")
+            return None
+        self.breaker.success()
+        return data if isinstance(data, bytes) else None
+
+    def put(self, key: bytes, data: bytes, ttl: float) -> None:
+        """Queue a write; never waits. When the queue is full the oldest pending write is dropped."""
+        if len(self._writes) == self._writes.maxlen:
+            self.dropped_writes += 1
+        self._writes.append((key, data, max(1, int(ttl * 1000))))
+        self._wake.set()
+
+    async def run_writer(self) -> None:
+        """Background task: drain queued writes in pipelines, skipping while the breaker is open."""
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._writes:
+                batch = [self._writes.popleft() for _ in range(min(len(self._writes), 64))]
+                if not self.breaker.allow():
+                    self.dropped_writes += len(batch)
+                    continue
+                try:
+                    async with asyncio.timeout(max(self.timeout * 10, 0.1)):
+                        async with self.client.pipeline(transaction=False) as pipe:
+                            for key, data, ttl_ms in batch:
+                                pipe.set(key, data, px=ttl_ms)
+                            await pipe.execute()
+                except (TimeoutError, RedisError, OSError):
+                    self._failed("write")
+                    self.dropped_writes += len(batch)
+                else:
+                    self.breaker.success()
+
+    async def refresh_epochs(self, models: Iterable[str]) -> None:
+        """Read the fleet-wide epoch of each model (best effort: on failure the known ones stay)."""
+        names = sorted(set(models))
+        if not names or not self.breaker.allow():
+            return
+        try:
+            async with asyncio.timeout(max(self.timeout * 10, 0.1)):
+                values = await self.client.mget([self._epoch_key(m) for m in names])
+        except (TimeoutError, RedisError, OSError):
+            self._failed("epoch")
+            return
+        self.breaker.success()
+        for model, value in zip(names, values, strict=True):
+            with contextlib.suppress(TypeError, ValueError):
+                self.epochs[model] = int(value or 0)
+
+    async def bump_epoch(self, model: str) -> None:
+        """Make every replica's entries of ``model`` unreachable (they read the new epoch soon)."""
+        try:
+            async with asyncio.timeout(max(self.timeout * 20, 0.2)):
+                self.epochs[model] = int(await self.client.incr(self._epoch_key(model)))
+        except (TimeoutError, RedisError, OSError):
+            self._failed("epoch")
+            self.epochs[model] = self.epochs.get(model, 0) + 1  # at least this replica moves on
+
+    def _epoch_key(self, model: str) -> bytes:
+        return f"{self.namespace}:e:".encode() + model.encode()
+
+    def _failed(self, kind: str) -> None:
+        self.errors[kind] = self.errors.get(kind, 0) + 1
+        self.breaker.failure()
+
+    async def close(self) -> None:
+        with contextlib.suppress(RedisError, OSError):
+            await self.client.aclose()
