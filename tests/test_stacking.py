@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sidecar.protocols.request import DATATYPE_SIZES, InferenceRequest, Protocol, Tensor
-from sidecar.warmup.stacking import row_signature, stack, tensor_rows
+from sidecar.protocols.rows import row_signature, stack, tensor_rows
 from tests.strategies import tensor_data
 
 

@@ -1,7 +1,9 @@
-"""Build a request of batch size B by stacking rows of recorded requests. Pure functions.
+"""Rows of canonical tensors along dimension 0 (the batch dimension). Pure functions.
 
-Rows are taken along dimension 0 of every input, cycling through the given requests,
-so a sweep request at batch 8 is made of real traffic, not zeros.
+- ``stack``: a request of batch size B made of rows of recorded requests, cycling through them, so a
+  warm-up sweep at batch 8 is real traffic, not zeros;
+- ``batch_signature`` / ``merge`` / ``split``: what the batcher needs to put several callers' rows in
+  one request and hand each caller exactly its own rows of the answer.
 """
 
 from __future__ import annotations
@@ -9,14 +11,22 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-from ..protocols.request import (
+from .request import (
     DATATYPE_SIZES,
     InferenceRequest,
+    InferenceResponse,
+    Params,
+    RequestedOutput,
     Tensor,
     element_count,
     pack_bytes_elements,
     unpack_bytes_elements,
 )
+
+# Parameters that never change an answer, so callers differing in them may share a batch: the wire
+# form (JSON or binary, TF Serving's row or columnar), scheduling hints, the caller's id.
+BATCH_NEUTRAL_PARAMS = frozenset({"binary_data_output", "binary_data_size", "binary_data", "priority", "timeout",
+                                  "format"})
 
 
 def row_signature(req: InferenceRequest) -> tuple[tuple[str, str, tuple[int, ...]], ...] | None:
@@ -62,3 +72,62 @@ def stack(requests: Sequence[InferenceRequest], batch: int) -> InferenceRequest:
         for t in requests[0].inputs
     )
     return dataclasses.replace(requests[0], inputs=inputs, id="")
+
+
+Signature = tuple[object, ...]
+
+
+def rows_of(req: InferenceRequest) -> int | None:
+    """The batch size every input shares (>= 1), or None when the request has no common batch dimension."""
+    if row_signature(req) is None:
+        return None
+    rows = req.inputs[0].shape[0]
+    return rows if rows >= 1 else None
+
+
+def batch_signature(req: InferenceRequest) -> Signature | None:
+    """What callers must share to be batched without changing anyone's answer: model, version, method,
+    input names, datatypes and non-batch dimensions, requested outputs, result-changing parameters.
+    None when the request cannot be batched at all."""
+    rows = row_signature(req)
+    if rows is None:
+        return None
+    family = "kserve" if req.protocol.value.startswith("kserve") else "tfserving"
+    outputs = tuple(sorted((o.name, o.parameters) for o in req.outputs))
+    params = tuple(p for p in req.parameters if p[0] not in BATCH_NEUTRAL_PARAMS)
+    return family, req.model, req.version, req.method, rows, outputs, params
+
+
+def merge(requests: Sequence[InferenceRequest]) -> InferenceRequest:
+    """One request holding every caller's rows in order; the callers share one ``batch_signature``.
+
+    Outputs are asked for in the binary form (the cheapest to read back); the request carries no id."""
+    first = requests[0]
+    inputs = []
+    for t in first.inputs:
+        parts = [r.input(t.name) for r in requests]
+        inputs.append(Tensor(t.name, t.datatype, (sum(p.shape[0] for p in parts), *t.shape[1:]),
+                             b"".join(p.data for p in parts)))
+    params: Params = tuple(sorted((*(p for p in first.parameters if p[0] not in BATCH_NEUTRAL_PARAMS),
+                                   ("binary_data_output", "true"))))
+    outputs = tuple(RequestedOutput(o.name, True, o.parameters) for o in first.outputs)
+    return dataclasses.replace(first, inputs=tuple(inputs), outputs=outputs, parameters=params, id="")
+
+
+def split(response: InferenceResponse, rows: Sequence[int]) -> list[InferenceResponse]:
+    """Each caller's own rows of a batched answer, in order; ValueError when an output's leading
+    dimension is not the batch's total (the answer cannot be divided: each caller goes alone)."""
+    total = sum(rows)
+    per_output: list[list[bytes]] = []
+    for t in response.outputs:
+        if not t.shape or t.shape[0] != total:
+            raise ValueError(f"output {t.name!r} has shape {t.shape}, not a batch of {total} rows")
+        per_output.append(tensor_rows(t))
+    parts = []
+    start = 0
+    for n in rows:
+        outputs = tuple(Tensor(t.name, t.datatype, (n, *t.shape[1:]), b"".join(cut[start : start + n]))
+                        for t, cut in zip(response.outputs, per_output, strict=True))
+        parts.append(dataclasses.replace(response, outputs=outputs, id=""))
+        start += n
+    return parts
