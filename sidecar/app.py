@@ -9,25 +9,35 @@ import asyncio
 import logging
 import resource
 import signal
+from pathlib import Path
 
 from aiohttp import web
 
+from .cache.generation import Generations
+from .cache.memory import MemoryTier
+from .cache.redis import Breaker, RedisTier
 from .config import Config, split_host_port
 from .errors import ConfigError
-from .front.admin import AdminFront
+from .front.admin import AdminActions, AdminFront
 from .front.budget import MemoryBudget
 from .front.decoding import RequestDecoder
 from .front.h1server import H1Server
 from .front.http import HttpFront
 from .health import UpstreamMonitor
+from .mesh.agent import AgentServer
+from .mesh.orca import warm_capacity
 from .metrics import Metrics
+from .pipeline.batcher import Batcher
+from .pipeline.cache import CacheCollector, CacheStage
 from .pipeline.gate import Gate
+from .pipeline.latency import LatencyModel
 from .pipeline.recorder import Recorder
 from .pipeline.stage import Stage, chain
 from .state import State, StateMachine
 from .supervise import Supervisor
 from .upstream.http import HttpUpstream
-from .warmup.store import StoreLimits, open_store
+from .upstream.models import ModelCatalog
+from .warmup.store import REDIS_SCHEMES, StoreLimits, open_store
 from .warmup.warmer import Warmer
 
 log = logging.getLogger("sidecar")
@@ -56,25 +66,80 @@ class Sidecar:
         limits = store_limits(cfg)
         self.store = open_store(cfg.store, limits)
         self.recorder = Recorder(cfg.record, self.store, self.metrics, limits.capacity)
-        self.warmer = Warmer(cfg, self.store, self.upstream, self.machine, self.metrics)
-        self.monitor = UpstreamMonitor(self.upstream, cfg.upstream, self.machine, self.metrics, self.warmer,
-                                       cfg.warmup.retry_interval)
+        self.catalog = ModelCatalog(self.upstream, cfg.warmup.max_batch)
+        self.latency = LatencyModel()
+        self.batcher = Batcher(cfg.batch, self.catalog, self.latency, self.metrics,
+                               on_batch=self.recorder.observe_batch if cfg.record.enabled else None)
+        self.shared_cache = shared_tier(cfg)
+        self.cache = CacheStage(cfg.cache, MemoryTier(cfg.cache.max_bytes), self.shared_cache, Generations(),
+                                self.metrics)
+        self.metrics.registry.register(CacheCollector(self.cache))
         # The data path, in order. The upstream client is the terminal.
         self.stages: list[Stage] = [Gate(cfg.gate, self.machine, self.metrics)]
         if cfg.record.enabled:
             self.stages.append(self.recorder)
+        if cfg.cache.models:
+            self.stages.append(self.cache)
+        if cfg.batch.models:
+            self.stages.append(self.batcher)
         self.pipeline = chain(self.stages, self.upstream.send)
+        # Warm-up replay enters at the cache, so its answers fill it (and never comes from it); its
+        # latencies per batch size teach the batcher's latency model.
+        self.warmer = Warmer(cfg, self.store, self.upstream, self.machine, self.metrics,
+                             send=chain([self.cache], self.upstream.send) if cfg.cache.models else None,
+                             catalog=self.catalog, latency=self.latency)
+        self.monitor = UpstreamMonitor(self.upstream, cfg.upstream, self.machine, self.metrics, self.warmer,
+                                       cfg.warmup.retry_interval)
+        self.monitor.subscribe(self._models_loaded, self._server_restarted)
         self.decoder = RequestDecoder(cfg.limits.inline_decode_bytes, cfg.limits.decode_workers,
                                       cfg.limits.max_body_bytes)
         self.http = HttpFront(cfg, self.upstream, self.pipeline, self.metrics, self.machine, self.decoder,
-                              MemoryBudget(cfg.limits.max_inflight_bytes), on_upstream_down=self.monitor.poke)
+                              MemoryBudget(cfg.limits.max_inflight_bytes), on_upstream_down=self.monitor.poke,
+                              on_model_reload=self.flush_cache)
         self.data_port: H1Server = self.http.server(connection_limit(cfg))
         self.metrics.in_flight.set_function(lambda: self.http.in_flight)
-        self.admin = AdminFront(self.machine, self.metrics, self.monitor, self.warmer, self.supervisor)
+        load = self.http.mesh.load
+        self.metrics.watch_load(lambda: load.in_flight, load.rates,
+                                lambda: warm_capacity(self.machine.state, self.machine.progress))
+        actions = AdminActions(self.flush_cache, self.monitor.rewarm, lambda: admin_token(cfg), self.cache.report,
+                               self.batcher.report)
+        self.admin = AdminFront(self.machine, self.metrics, self.monitor, self.warmer, self.supervisor,
+                                degraded_while_warming=cfg.mesh.degraded_while_warming, actions=actions)
+        # HAProxy's agent-check port: the pod's weight and state in HAProxy's words (off by default).
+        self.agent = AgentServer(cfg.mesh.agent_listen, self.machine) if cfg.mesh.agent_listen else None
         self._admin_runner: web.AppRunner | None = None
 
     def __repr__(self) -> str:
         return f"<Sidecar {self.machine.state} listen={self.cfg.listen} upstream={self.upstream.base}>"
+
+    def _models_loaded(self, loaded: frozenset[tuple[str, str]]) -> None:
+        """A model whose loaded versions changed gets a new cache generation: no answer of a gone version."""
+        for model in self.cache.generations.observe(loaded):
+            self.cache.memory.flush(model)
+            self.catalog.forget(model)
+            self.batcher.forget(model)
+
+    def _server_restarted(self) -> None:
+        """Every model reloads with the server: earlier in-process answers become unreachable, and their
+        configurations are asked again."""
+        self.cache.flush()
+        self.catalog.forget()
+        self.batcher.forget()
+
+    async def flush_cache(self, model: str | None) -> int:
+        """Admin action: forget cached answers (of one model), here and, through the epoch, fleet-wide."""
+        gone = self.cache.flush(model)
+        if self.shared_cache is not None:
+            for name in [model] if model else sorted(self.cache.generations.versions):
+                await self.shared_cache.bump_epoch(name)
+        return gone
+
+    async def _refresh_epochs(self) -> None:
+        """Background task: read the fleet's cache epochs, so a flush elsewhere reaches this replica."""
+        assert self.shared_cache is not None
+        while True:
+            await self.shared_cache.refresh_epochs(self.cache.generations.versions)
+            await asyncio.sleep(self.cfg.upstream.health_interval)
 
     async def start(self) -> None:
         """Listen on both ports and start the background tasks; ConfigError when a port cannot be had."""
@@ -91,16 +156,22 @@ class Sidecar:
             await self.data_port.listen(host, port)
         except OSError as e:
             raise ConfigError(f"listen {self.cfg.listen}: cannot listen ({e.strerror or e})") from None
+        if self.agent is not None:
+            await self.agent.start()
         self.decoder.start()
         self.supervisor.spawn("upstream-monitor", self.monitor.run)
         if self.cfg.record.enabled:
             self.supervisor.spawn("recorder", self.recorder.run)
+        if self.shared_cache is not None:
+            self.supervisor.spawn("cache-writer", self.shared_cache.run_writer)
+            self.supervisor.spawn("cache-epochs", self._refresh_epochs)
         log.info("listening: data %s, admin %s; upstream %s", self.cfg.listen, self.cfg.admin, self.upstream.base)
 
     async def stop(self, delay: float = 0.0) -> None:
         """Refuse readiness at once, keep serving for ``delay`` seconds (load balancers stop sending),
         then stop accepting, let in-flight calls finish for up to ``shutdown_grace``, and close."""
         self.machine.to(State.DRAINING, "shutting down")
+        self.data_port.draining = True  # answers now say Connection: close, so clients move elsewhere
         if delay > 0:
             await asyncio.sleep(delay)
         self.data_port.stop_listening()
@@ -120,12 +191,39 @@ class Sidecar:
     async def close(self) -> None:
         """Release every resource; safe after a start that failed half-way."""
         await self.data_port.close()
+        if self.agent is not None:
+            await self.agent.stop()  # only now: it says "drain" for as long as the data port is open
         await self.store.close()
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
             self._admin_runner = None
         await self.upstream.close()
+        if self.shared_cache is not None:
+            await self.shared_cache.close()
         self.decoder.close()
+
+
+def admin_token(cfg: Config) -> str:
+    """The admin bearer token, read at each use so a rotated Secret takes effect; "" when none."""
+    if cfg.admin_token_file:
+        try:
+            return Path(cfg.admin_token_file).read_text().strip()
+        except OSError:
+            log.warning("admin token file %s unreadable: admin actions refused", cfg.admin_token_file)
+            return ""
+    return cfg.admin_token
+
+
+def shared_tier(cfg: Config) -> RedisTier | None:
+    """The cache's Redis tier: cache.redis, else the traffic store's Redis, unless 'off' or caching is off."""
+    url = cfg.cache.redis or (cfg.store if cfg.store.lower().startswith(REDIS_SCHEMES) else "")
+    if not cfg.cache.models or not url or url == "off":
+        return None
+    breaker = Breaker(cfg.cache.redis_failures, cfg.cache.redis_cooldown)
+    try:
+        return RedisTier(url, "warm-sidecar", cfg.cache.redis_timeout, breaker)
+    except ValueError as e:
+        raise ConfigError(f"config key cache.redis: unusable Redis URL ({e})") from None
 
 
 def connection_limit(cfg: Config) -> int:

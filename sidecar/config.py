@@ -225,6 +225,118 @@ class GateConfig:
     )
 
 
+def _host_port_or_off(v: Any) -> str | None:
+    return None if v == "" else _host_port(v)
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    agent_listen: str = field(
+        default="",
+        metadata=_key("HAProxy agent-check port (HOST:PORT): answers the weight and state of the pod; empty: off",
+                      _host_port_or_off),
+    )
+    capacity: int = field(
+        default=64,
+        metadata=_key("calls in flight at which the ORCA utilization reported to Envoy reaches 1.0 when warm",
+                      _positive),
+    )
+    degraded_while_warming: bool = field(
+        default=False,
+        metadata=_key("while warming, /readyz answers 200 with x-envoy-degraded (Envoy sends the pod only "
+                      "spill-over) instead of 503"),
+    )
+
+
+def _model_seconds(v: Any) -> str | None:
+    for item in v:
+        model, sep, seconds = item.rpartition("=")
+        try:
+            if not sep or not model or float(seconds) <= 0:
+                raise ValueError
+        except ValueError:
+            return "MODEL=SECONDS pairs, comma-separated, seconds > 0"
+    return None
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    models: tuple[str, ...] = field(
+        default=(), metadata=_key("models whose answers are cached (comma-separated names, or *); off by default, "
+                                  "because some models are not deterministic"),
+    )
+    max_bytes: int = field(
+        default=256 * 1024 * 1024, metadata=_key("memory of the in-process tier (W-TinyLFU)", _positive)
+    )
+    max_entry_bytes: int = field(
+        default=4 * 1024 * 1024, metadata=_key("largest answer cached (either tier)", _positive)
+    )
+    ttl: float = field(default=300.0, metadata=_key("seconds an answer stays fresh", _positive))
+    model_ttl: tuple[str, ...] = field(
+        default=(), metadata=_key("per-model TTLs overriding cache.ttl: MODEL=SECONDS, comma-separated",
+                                  _model_seconds),
+    )
+    stale_if_error: float = field(
+        default=0.0,
+        metadata=_key("seconds past its TTL an answer may still be served (marked stale) while the model server "
+                      "is unavailable or late; 0: never", _non_negative),
+    )
+    scope_header: str = field(
+        default="", metadata=_key("a header whose value becomes part of the key, so calls carrying "
+                                  "Authorization or Cookie are cached per tenant; empty: such calls are not cached"),
+    )
+    redis: str = field(
+        default="", metadata=_key("redis://, rediss:// or unix:// URL of the shared tier; empty: the traffic "
+                                  "store's Redis, if it is one; 'off': no shared tier"),
+    )
+    redis_timeout: float = field(
+        default=0.005, metadata=_key("seconds a shared-tier read may take before it counts as a miss", _positive)
+    )
+    redis_failures: int = field(
+        default=5, metadata=_key("consecutive shared-tier failures that open its circuit breaker", _positive)
+    )
+    redis_cooldown: float = field(
+        default=2.0, metadata=_key("seconds the breaker stays open before one probe (doubling, at most 60)",
+                                   _positive),
+    )
+
+
+def _batch_models(v: Any) -> str | None:
+    for item in v:
+        name, sep, maximum = item.partition("=")
+        if not name or (sep and not (maximum.isdigit() and int(maximum) >= 2)):
+            return "names, NAME=MAX (MAX >= 2), * or auto, comma-separated"
+    return None
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    models: tuple[str, ...] = field(
+        default=(),
+        metadata=_key("models whose concurrent calls the sidecar batches: names, NAME=MAX (needed for TF Serving), "
+                      "* (every model with a batch dimension), or auto (Triton models with max_batch_size > 0 and "
+                      "no batching of their own)", _batch_models),
+    )
+    max_concurrent: int = field(
+        default=0,
+        metadata=_key("batches in flight per model before arrivals gather; 0: the model's instance count",
+                      _non_negative),
+    )
+    max_delay: float = field(
+        default=0.01, metadata=_key("seconds a call may wait for its batch, even while the server stays busy",
+                                    _positive),
+    )
+    target_latency: float = field(
+        default=0.0,
+        metadata=_key("seconds a batch should take at most: its size is capped by the latency learned per batch "
+                      "size; 0: only the model's maximum caps it", _non_negative),
+    )
+    max_queue: int = field(
+        default=4096, metadata=_key("calls waiting for a batch per model; more get 503 with Retry-After",
+                                    _positive),
+    )
+
+
 @dataclass(frozen=True)
 class Config:
     listen: str = field(default="0.0.0.0:9000", metadata=_key("HTTP data port (HOST:PORT)", _host_port))
@@ -239,6 +351,13 @@ class Config:
     shutdown_grace: float = field(
         default=30.0,
         metadata=_key("seconds in-flight requests may finish after the shutdown delay", _non_negative),
+    )
+    admin_token: str = field(
+        default="", metadata=_key("bearer token admin actions (POST /cache/flush, /warmup) require; with none "
+                                  "configured they are disabled"),
+    )
+    admin_token_file: str = field(
+        default="", metadata=_key("file holding the admin token (a mounted Secret); wins over admin_token"),
     )
     restricted_api: str = field(
         default="",
@@ -257,6 +376,9 @@ class Config:
     record: RecordConfig = field(default_factory=RecordConfig)
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
     gate: GateConfig = field(default_factory=GateConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
 
 
 def split_host_port(value: str) -> tuple[str, int]:
@@ -421,7 +543,7 @@ def render_yaml(cfg: Config) -> str:
     return text
 
 
-SECRET_KEYS = frozenset({"restricted_api"})
+SECRET_KEYS = frozenset({"restricted_api", "admin_token"})
 _URL_CREDENTIALS = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<userinfo>[^@/]*)@", re.IGNORECASE)
 
 
@@ -429,6 +551,8 @@ def mask(path: str, value: Any) -> Any:
     """A value as it may be shown: passwords in URLs and secret settings replaced by ``***``."""
     if not isinstance(value, str) or not value:
         return value
-    if path in SECRET_KEYS:
+    if path == "restricted_api":
         return re.sub(r"=[^;]*", "=***", value)
+    if path in SECRET_KEYS:
+        return "***"
     return _URL_CREDENTIALS.sub(lambda m: f"{m['scheme']}***@", value)

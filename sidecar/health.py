@@ -55,11 +55,16 @@ class UpstreamMonitor:
         # What the server has loaded, (model, version) pairs; None until first seen ready.
         self.loaded: frozenset[tuple[str, str]] | None = None
         self._new_load = ""
+        self._on_loaded: list[Callable[[frozenset[tuple[str, str]]], None]] = []
+        self._on_restart: list[Callable[[], None]] = []
+        self._seen_ready = False
+        self._lost = False
         self.problem = "not checked yet"
         self.retry_in = 0.0
         self._logged_at = -_LOG_EVERY
         self._poke = asyncio.Event()
         self._warming: asyncio.Task[None] | None = None
+        self._rewarming: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
         return f"<UpstreamMonitor {self.client.base} protocol={self.protocol or '?'} last={self.last.value}>"
@@ -148,6 +153,15 @@ class UpstreamMonitor:
         if new:
             self._new_load = ", ".join(f"{m} version {v}" for m, v in sorted(new))
         self.loaded = loaded
+        for listener in self._on_loaded:
+            listener(loaded)
+
+    def subscribe(self, on_loaded: Callable[[frozenset[tuple[str, str]]], None],
+                  on_restart: Callable[[], None]) -> None:
+        """``on_loaded``: what the server has loaded, at every check that can tell; ``on_restart``: the
+        server is ready again after it stopped answering or lost readiness (its models reloaded)."""
+        self._on_loaded.append(on_loaded)
+        self._on_restart.append(on_restart)
 
     def apply(self, health: Health) -> None:
         self.last = health
@@ -155,9 +169,16 @@ class UpstreamMonitor:
         m = self.machine
         if health is not Health.READY:
             self.loaded = None  # a restarted server is cold anyway: what it loads next is not "new"
-        elif self._new_load and m.state in (State.WARMING, State.WARM):
-            m.to(State.COLD, f"model server loaded {self._new_load}")
-            self._cancel_warming()
+            self._lost = self._lost or self._seen_ready
+        else:
+            self._seen_ready = True
+            if self._lost:
+                self._lost = False
+                for listener in self._on_restart:
+                    listener()
+            if self._new_load and m.state in (State.WARMING, State.WARM):
+                m.to(State.COLD, f"model server loaded {self._new_load}")
+                self._cancel_warming()
         self._new_load = ""
         if health is Health.DOWN:
             m.to(State.COLD if m.state in (State.WARMING, State.WARM, State.LOADING) else State.STARTING,
@@ -170,6 +191,27 @@ class UpstreamMonitor:
             m.to(State.LOADING, "model server up, models loading")
         elif m.state in (State.STARTING, State.LOADING, State.COLD) and m.to(State.WARMING, "model server ready"):
             self._warming = asyncio.create_task(self._warm())
+
+    def rewarm(self) -> str:
+        """Admin action: warm up again now. A warm pod stays ready while it replays (answers go to the cache);
+        a pod still warming skips its backoff and tries at once."""
+        m = self.machine
+        if m.state is State.WARM and self.warmer is not None:
+            if self._rewarming is None or self._rewarming.done():
+                self._rewarming = asyncio.create_task(self._warm_again())
+            return "replaying now; the pod stays ready"
+        if m.state is State.WARMING:
+            self._cancel_warming()
+            self._warming = asyncio.create_task(self._warm())
+            return "warming again now"
+        return f"not warming: the pod is {m.state.value}"
+
+    async def _warm_again(self) -> None:
+        assert self.warmer is not None
+        try:
+            await self.warmer(self.protocol or "triton")
+        except Exception as e:  # best effort: the pod is ready already
+            log.warning("re-warm failed (%s)", type(e).__name__)
 
     def _cancel_warming(self) -> None:
         if self._warming is not None and not self._warming.done():

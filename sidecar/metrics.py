@@ -1,16 +1,18 @@
 """Prometheus metrics, held in one registry object (no module globals).
 
-Label children are cached so the hot path does a dict lookup, not a
-``labels()`` call with its lock and tuple building.
+The per-call families (requests, their latency, the upstream's latency) are lock-free
+(``fastmetrics``); the rest are prometheus_client's own.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+
+from .fastmetrics import FastCollector, FastCounter, FastHistogram
 
 # Sub-millisecond buckets matter: the sidecar's own overhead is measured in them.
 LATENCY_BUCKETS = (
@@ -20,6 +22,7 @@ LATENCY_BUCKETS = (
 MAX_MODEL_LABELS = 1000
 OTHER = "other"
 HTTP_EVENTS = ("disconnect", "timeout", "malformed", "too_many_connections")
+_STATUS = {code: str(code) for code in range(100, 600)}
 
 
 class Metrics:
@@ -28,18 +31,14 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter(
-            "sidecar_requests", "Requests answered, by route, model and HTTP status",
-            ["route", "model", "status"], registry=r,
-        )
-        self.request_seconds = Histogram(
-            "sidecar_request_duration_seconds", "Whole call as the client sees it",
-            ["route", "model"], buckets=LATENCY_BUCKETS, registry=r,
-        )
-        self.upstream_seconds = Histogram(
-            "sidecar_upstream_duration_seconds", "The upstream call alone",
-            ["route", "model"], buckets=LATENCY_BUCKETS, registry=r,
-        )
+        # The per-call families are lock-free (fastmetrics): observed on every call, on one loop.
+        self.requests = FastCounter("sidecar_requests", "Requests answered, by route, model and HTTP status",
+                                    ["route", "model", "status"])
+        self.request_seconds = FastHistogram("sidecar_request_duration_seconds", "Whole call as the client sees it",
+                                             ["route", "model"], LATENCY_BUCKETS)
+        self.upstream_seconds = FastHistogram("sidecar_upstream_duration_seconds", "The upstream call alone",
+                                              ["route", "model"], LATENCY_BUCKETS)
+        r.register(FastCollector(self.requests, self.request_seconds, self.upstream_seconds))
         self.in_flight = Gauge("sidecar_in_flight_requests", "Requests being handled now", registry=r)
         self.upstream_errors = Counter(
             "sidecar_upstream_errors", "Upstream failures by kind (unavailable, timeout)",
@@ -74,11 +73,27 @@ class Metrics:
         self.record_errors = Counter(
             "sidecar_record_errors", "Calls the recorder could not record (dropped, counted)", registry=r,
         )
+        self.batch_size = Histogram(
+            "sidecar_batch_size", "Rows per call the batcher sends the model server (1: a call sent alone)",
+            ["model"], buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256), registry=r,
+        )
+        self.batch_delay = Histogram(
+            "sidecar_batch_queue_delay_seconds", "Time a call waited for its batch to leave",
+            ["model"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.batch_retried = Counter(
+            "sidecar_batch_retried_alone", "Members of a refused batch sent again one by one", ["model"], registry=r,
+        )
         self.task_restarts = Counter(
             "sidecar_task_restarts", "Background tasks restarted after a failure", ["task"], registry=r,
         )
-        self._request_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
-        self._upstream_children: dict[tuple[str, str], Any] = {}
+        # For autoscalers (k8s/monitoring, the HPA, KEDA): read at scrape time, never kept twice.
+        self.warm_capacity = Gauge(
+            "sidecar_warm_capacity", "1 when this pod can take full traffic, else the warm-up progress (0 draining)",
+            registry=r,
+        )
+        self.load = _LoadCollector(self)
+        r.register(self.load)
         self._event_children = {e: self.http_events.labels(e) for e in HTTP_EVENTS}
         # Model label values: only models the model server has (its repository index, configuration).
         self.known_models: set[str] = set()
@@ -91,6 +106,13 @@ class Metrics:
         for name in states:
             self.state.labels(name).set_function(one_if(name))
         self.warmup_progress.set_function(progress)
+
+    def watch_load(self, in_flight: Callable[[], Mapping[str, int]], rates: Callable[[], Mapping[str, float]],
+                   warm_capacity: Callable[[], float]) -> None:
+        """The autoscaler gauges, read at scrape time: per-model calls in flight and per second (from the
+        data port), and how much of full traffic the pod can take (from the state machine)."""
+        self.load.in_flight, self.load.rates = in_flight, rates
+        self.warm_capacity.set_function(warm_capacity)
 
     def model_label(self, model: str) -> str:
         """Model names come from callers, so only models the server has become label values: no caller
@@ -111,25 +133,51 @@ class Metrics:
 
     def observe_request(self, route: str, model: str, status: int, seconds: float) -> None:
         model = self.model_label(model)
-        key = (route, model, status)
-        child = self._request_children.get(key)
-        if child is None:
-            child = (
-                self.requests.labels(route, model, str(status)),
-                self.request_seconds.labels(route, model),
-            )
-            self._request_children[key] = child
-        counter, hist = child
-        counter.inc()
-        hist.observe(seconds)
+        self.requests.inc((route, model, _STATUS.get(status) or str(status)))
+        self.request_seconds.observe((route, model), seconds)
 
     def observe_upstream(self, route: str, model: str, seconds: float) -> None:
-        model = self.model_label(model)
-        key = (route, model)
-        hist = self._upstream_children.get(key)
-        if hist is None:
-            hist = self._upstream_children[key] = self.upstream_seconds.labels(route, model)
-        hist.observe(seconds)
+        self.upstream_seconds.observe((route, self.model_label(model)), seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _LoadCollector:
+    """``sidecar_queue_depth{model}`` and ``sidecar_model_requests_per_second{model}``.
+
+    A series for every model the server has (0 when idle, so a sum over pods always has data)
+    and for every model with calls now; caller-given names map through ``model_label``.
+    The rate is a gauge over the data port's 10 s sliding window, not a counter for ``rate()``:
+    prometheus-adapter and KEDA then read a per-pod number without PromQL of their own, and ORCA
+    reports to Envoy carry the same number (``rate(sidecar_requests_total[1m])`` is the counter way).
+    """
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+        self.in_flight: Callable[[], Mapping[str, int]] = dict
+        self.rates: Callable[[], Mapping[str, float]] = dict
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(self._families({}, {}, set()))  # names only: registering must not read the data port
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self._families(self.in_flight(), self.rates(), self.metrics.known_models))
+
+    def _families(self, in_flight: Mapping[str, int], rates: Mapping[str, float], known: set[str]) -> list[Metric]:
+        label = self.metrics.model_label
+        depth = dict.fromkeys(known, 0.0)
+        rps = dict.fromkeys(known, 0.0)
+        for model, n in in_flight.items():
+            depth[label(model)] = depth.get(label(model), 0.0) + n
+        for model, r in rates.items():
+            rps[label(model)] = rps.get(label(model), 0.0) + r
+        queue = GaugeMetricFamily("sidecar_queue_depth", "Inference calls waiting or in flight, by model",
+                                  labels=["model"])
+        rate = GaugeMetricFamily("sidecar_model_requests_per_second",
+                                 "Inference calls per second by model, over the last 10 s", labels=["model"])
+        for model in sorted(depth):
+            queue.add_metric([model], depth[model])
+        for model in sorted(rps):
+            rate.add_metric([model], round(rps[model], 3))
+        return [queue, rate]

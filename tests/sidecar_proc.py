@@ -52,11 +52,14 @@ class SidecarProcess(ServerProcess):
         self.extra_args = list(extra_args)
         self.env = env or {}
         self.wait = wait
+        # Run under another program, e.g. ["prlimit", "--nofile=1024:1024", "--"].
+        self.command_prefix: list[str] = []
         self.url = f"http://{HOST}:{port}"
         self.admin_url = f"http://{HOST}:{self.admin_port}"
 
     def command(self) -> list[str]:
         return [
+            *self.command_prefix,
             sys.executable,
             "-P",  # the working directory is not on sys.path: a folder there named "sidecar" must not shadow us
             "-m",

@@ -373,3 +373,78 @@ async def test_every_caller_gets_its_own_answer_under_random_concurrency() -> No
             if isinstance(outcome, Reply):
                 assert outcome.response().outputs[0].data == request_for(value).inputs[0].data
         assert not cache.flights
+
+
+# -- found by the end-to-end tests (tests/test_cache.py) -------------------------------------------------
+
+
+def test_tfserving_row_and_columnar_forms_share_a_key_but_kserve_parameters_do_not() -> None:
+    from sidecar.protocols import tfserving_rest
+
+    row = tfserving_rest.decode_request("m", "", "", "predict", b'{"instances": [[1.0, 2.0]]}')
+    columns = tfserving_rest.decode_request("m", "", "", "predict", b'{"inputs": [[1.0, 2.0]]}')
+    assert row.parameters != columns.parameters
+    assert cache_key(row, "g") == cache_key(columns, "g")
+    # A KServe call's parameters reach the model, whatever their name.
+    kserve = request_for(1)
+    with_format = dataclasses.replace(kserve, parameters=freeze_params({"format": "row"}))
+    assert cache_key(with_format, "g") != cache_key(kserve, "g")
+
+
+async def test_an_epoch_moved_by_another_replica_empties_this_replicas_memory() -> None:
+    class Shared:
+        """Only what the stage reads of the Redis tier here: the epochs, and misses."""
+
+        def __init__(self) -> None:
+            self.epochs: dict[str, int] = {}
+
+        def key(self, model: str, versions: str, digest: bytes) -> bytes:
+            return b"%d:" % self.epochs.get(model, 0) + digest
+
+        async def get(self, key: bytes) -> bytes | None:
+            return None
+
+        def put(self, key: bytes, data: bytes, ttl: float) -> None:
+            pass
+
+    shared = Shared()
+    cache = CacheStage(dataclasses.replace(CacheConfig(), models=("*",)), MemoryTier(1 << 20),
+                       shared, Generations(), Metrics())  # type: ignore[arg-type]
+
+    async def upstream(call: Call) -> Reply:
+        return answer_for(call)
+
+    assert (await cache(make_call(7), upstream)).cache == "miss"
+    assert (await cache(make_call(7), upstream)).cache == "hit"
+    shared.epochs["m"] = 1  # what the epoch refresh reads after a flush elsewhere
+    assert (await cache(make_call(7), upstream)).cache == "miss"
+    assert (await cache(make_call(7), upstream)).cache == "hit"
+
+
+async def test_an_error_in_one_tfserving_form_is_not_shared_with_the_other_form() -> None:
+    from sidecar.protocols import tfserving_rest
+
+    cache = stage()
+    release = asyncio.Event()
+    asked: list[str] = []
+
+    def tf_call(body: bytes) -> Call:
+        req = tfserving_rest.decode_request("m", "", "", "predict", body)
+        loop = asyncio.get_running_loop()
+        return Call(req, "rid", loop.time() + 10, HttpWire(b"/v1/models/m:predict", (), body))
+
+    async def upstream(call: Call) -> Reply:
+        asked.append("row" if tfserving_rest.row_format(call.request) else "columnar")
+        await release.wait()
+        if tfserving_rest.row_format(call.request):
+            return Reply(400, wire=HttpAnswer(400, b"Bad", (), b'{"error":"rows"}'), for_call=call)
+        response = InferenceResponse(Protocol.TFSERVING_REST, "", outputs=call.request.inputs)
+        return Reply(200, wire=HttpAnswer(200, b"OK", (), b"{}"), for_call=call, response=response)
+
+    row = asyncio.create_task(cache(tf_call(b'{"instances": [[1.0]]}'), upstream))
+    await asyncio.sleep(0)
+    columns = asyncio.create_task(cache(tf_call(b'{"inputs": [[1.0]]}'), upstream))
+    await asyncio.sleep(0)
+    release.set()
+    assert (await row).status == 400
+    assert (await columns).status == 200 and asked == ["row", "columnar"]

@@ -750,6 +750,32 @@ async def test_timeout_mid_body_closes_the_connection(upstream: Upstream, pool: 
     assert (await get(pool, "/next")).body == b"GET /next "
 
 
+async def test_a_deadline_mid_body_closes_the_connection(upstream: Upstream, pool: H1Pool) -> None:
+    late = asyncio.Event()
+    upstream.script(steps(expect(), reply(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello"), wait(late)))
+    with pytest.raises(TimeoutError):
+        await pool.request("GET", "/slow", [], deadline=asyncio.get_running_loop().time() + 0.2)
+    await within(upstream.peers[0].eof.wait())
+    assert pool.idle == 0 and pool.in_use == 0
+    late.set()
+    assert (await get(pool, "/next")).body == b"GET /next "
+
+
+async def test_a_deadline_covers_the_wait_for_a_free_connection(upstream: Upstream) -> None:
+    late = asyncio.Event()
+    upstream.script(steps(expect(), wait(late), reply(ok(b"done"))))
+    pool = H1Pool(upstream.url, 1, 2.0)
+    try:
+        holder = asyncio.create_task(pool.request("GET", "/hold", []))
+        await within(upstream.connected.wait())
+        with pytest.raises(TimeoutError):
+            await pool.request("GET", "/queued", [], deadline=asyncio.get_running_loop().time() + 0.1)
+        late.set()
+        assert (await within(holder)).body == b"done"
+    finally:
+        pool.close()
+
+
 async def test_cancelled_caller_closes_its_connection(upstream: Upstream, pool: H1Pool) -> None:
     late = asyncio.Event()
 

@@ -79,6 +79,29 @@ async def test_a_full_queue_is_counted_never_waited_for(tmp_path: Path) -> None:
     await store.close()
 
 
+async def test_the_queue_is_bounded_in_bytes_too(tmp_path: Path) -> None:
+    one = len(call("m", 0.0).wire.body)  # type: ignore[union-attr]
+    rec, store, metrics = recorder(tmp_path, queue_bytes=2 * one + 1)
+    for i in range(5):
+        await rec(call("m", float(i)), answer(200))  # type: ignore[arg-type]
+    assert metrics.record_dropped._value.get() == 3
+    await rec.close()
+    assert len(await store.top("m", 10)) == 2
+    await store.close()
+
+
+async def test_a_call_that_cannot_be_recorded_is_dropped_and_counted(tmp_path: Path) -> None:
+    rec, store, metrics = recorder(tmp_path)
+    broken = call("m", 1.0)
+    broken.request = None  # type: ignore[assignment]  # whatever goes wrong with one call
+    await rec(broken, answer(200))  # type: ignore[arg-type]
+    await rec(call("m", 2.0), answer(200))  # type: ignore[arg-type]
+    await rec.close()
+    assert metrics.record_errors._value.get() == 1
+    assert len(await store.top("m", 10)) == 1
+    await store.close()
+
+
 async def test_bodies_over_the_limit_are_counted_but_not_kept(tmp_path: Path) -> None:
     rec, store, _ = recorder(tmp_path, max_payload_bytes=16)
     await rec(call("m", 1.0), answer(200))  # type: ignore[arg-type]
@@ -92,7 +115,7 @@ async def test_memory_between_flushes_is_bounded_by_the_sketch(tmp_path: Path) -
     rec, store, _ = recorder(tmp_path)
     for i in range(500):  # 500 distinct calls, capacity 64, no flush in between
         await rec(call("m", float(i)), answer(200))  # type: ignore[arg-type]
-        rec._observe(rec._queue.get_nowait())
+        await rec._observe_safely(rec._queue.get_nowait())
     memory = rec._models["m"]
     assert len(memory.meta) <= 64 and set(memory.meta) == {k for k, _, _ in memory.sketch.items()}
     await rec.close()

@@ -6,15 +6,19 @@ Every answer about readiness is read from the one StateMachine.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 from aiohttp import web
 
 from ..health import UpstreamMonitor
+from ..mesh.envoy import DEGRADED, HEALTH_CHECK_FAIL
 from ..metrics import Metrics
-from ..state import StateMachine
+from ..state import State, StateMachine
 from ..supervise import Supervisor
 from ..warmup.planner import Plan
 from ..warmup.warmer import Warmer
@@ -22,14 +26,28 @@ from ..warmup.warmer import Warmer
 _PLAN_TIMEOUT = 2.0
 
 
+@dataclass(frozen=True)
+class AdminActions:
+    """What the admin port may change, wired in the composition root."""
+
+    flush_cache: Callable[[str | None], Awaitable[int]]  # model or None -> entries forgotten here
+    rewarm: Callable[[], str]  # what it did, in words
+    token: Callable[[], str]  # the configured bearer token, read now ("" when none)
+    cache_report: Callable[[], dict[str, Any]]  # per-model hit ratios and sizes, for /status
+    batch_report: Callable[[], dict[str, Any]]  # per batched model: cap, learned latencies, queue
+
+
 class AdminFront:
     def __init__(self, machine: StateMachine, metrics: Metrics, monitor: UpstreamMonitor, warmer: Warmer,
-                 supervisor: Supervisor) -> None:
+                 supervisor: Supervisor, degraded_while_warming: bool = False,
+                 actions: AdminActions | None = None) -> None:
         self.machine = machine
         self.metrics = metrics
         self.monitor = monitor
         self.warmer = warmer
         self.supervisor = supervisor
+        self.degraded_while_warming = degraded_while_warming
+        self.actions = actions
 
     def application(self) -> web.Application:
         app = web.Application()
@@ -38,7 +56,39 @@ class AdminFront:
         app.router.add_get("/readyz", self.readyz)
         app.router.add_get("/metrics", self.metrics_page)
         app.router.add_get("/status", self.status)
+        app.router.add_post("/cache/flush", self.flush)
+        app.router.add_post("/warmup", self.rewarm)
         return app
+
+    # -- actions, behind a bearer token ----------------------------------------------------------------
+
+    def _refusal(self, request: web.Request) -> web.Response | None:
+        """None when the caller may act; otherwise 403 (no token configured: actions disabled) or 401."""
+        token = self.actions.token() if self.actions is not None else ""
+        if not token:
+            return _json(403, {"error": "admin actions are disabled: no admin token is configured "
+                                        "(admin_token_file or SIDECAR_ADMIN_TOKEN)"})
+        given = request.headers.get("Authorization", "")
+        scheme, _, credential = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(credential.strip().encode(), token.encode()):
+            answer = _json(401, {"error": "admin action needs Authorization: Bearer <token>"})
+            answer.headers["WWW-Authenticate"] = 'Bearer realm="warm-sidecar"'
+            return answer
+        return None
+
+    async def flush(self, request: web.Request) -> web.Response:
+        refused = self._refusal(request)
+        if refused is not None or self.actions is None:
+            return refused or _json(403, {"error": "admin actions are disabled"})
+        model = request.query.get("model") or None
+        gone = await self.actions.flush_cache(model)
+        return _json(200, {"flushed": gone, "model": model})
+
+    async def rewarm(self, request: web.Request) -> web.Response:
+        refused = self._refusal(request)
+        if refused is not None or self.actions is None:
+            return refused or _json(403, {"error": "admin actions are disabled"})
+        return _json(202, {"warmup": self.actions.rewarm()})
 
     def _probe(self, ok: bool) -> web.Response:
         body = {"status": "ok" if ok else "unavailable", "state": self.machine.state.value,
@@ -52,7 +102,18 @@ class AdminFront:
         return self._probe(self.machine.started)
 
     async def readyz(self, request: web.Request) -> web.Response:
-        return self._probe(self.machine.ready)
+        """Also Envoy's health check: degraded while warming (``mesh.degraded_while_warming``), and a
+        draining pod fails at once rather than after Envoy's unhealthy threshold."""
+        state = self.machine.state
+        if state is State.WARMING and self.degraded_while_warming:
+            answer = self._probe(True)
+            answer.headers[DEGRADED] = "true"
+            return answer
+        answer = self._probe(self.machine.ready)
+        if state is State.DRAINING:
+            name, value = HEALTH_CHECK_FAIL
+            answer.headers[name.decode()] = value.decode()
+        return answer
 
     async def metrics_page(self, request: web.Request) -> web.Response:
         return web.Response(body=self.metrics.render(), headers={"Content-Type": self.metrics.content_type})
@@ -87,6 +148,8 @@ class AdminFront:
             "store": self.warmer.planner.store.describe(),
             "warmups_run": self.warmer.runs,
             "task_restarts": dict(self.supervisor.restarts),
+            "cache": self.actions.cache_report() if self.actions is not None else {},
+            "batching": self.actions.batch_report() if self.actions is not None else {},
             "plan": [
                 {"model": mp.model, "share": round(mp.share, 4), "max_batch": mp.max_batch,
                  "calls": [{"kind": c.kind, "batch": c.batch, "shape": c.shape} for c in mp.calls]}
@@ -115,6 +178,23 @@ class AdminFront:
             "",
             "now: " + plan.render().rstrip(),
         ]
+        cache = data["cache"]
+        if cache.get("models"):
+            lines += ["", f"cache: {cache['entries']} answers, {cache['bytes']} bytes in process"
+                          f"{'; shared tier ' + cache['shared'] if cache.get('shared') else ''}"]
+            for model, m in sorted(cache["models"].items()):
+                lines.append(f"  {model:<20} hit ratio {m['hit_ratio']:.1%}  hits {m['hits']} "
+                             f"(shared {m['redis_hits']})  misses {m['misses']}  coalesced {m['coalesced']}  "
+                             f"bypassed {m['bypassed']}")
+        for model, b in sorted(data["batching"].items()):
+            latencies = ", ".join(f"{size}: {ms} ms" for size, ms in b["latency_ms"].items()) or "none yet"
+            lines.append(f"batching {model}: cap {b['cap']} of {b['max_batch']}, {b['in_flight']}/{b['max_concurrent']}"
+                         f" in flight, {b['waiting']} waiting, {b['batches']} batches, {b['retried_alone']} retried "
+                         f"alone; latency by batch size: {latencies}")
         if self.warmer.report is not None:
             lines += ["", self.warmer.report.render().rstrip()]
         return "\n".join(lines) + "\n"
+
+
+def _json(status: int, body: dict[str, Any]) -> web.Response:
+    return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")

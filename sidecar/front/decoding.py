@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import multiprocessing
+import os
 from concurrent.futures.process import BrokenProcessPool
 
 from ..errors import DecodeError
@@ -54,7 +56,8 @@ class RequestDecoder:
         if self._pool is None:
             # forkserver: workers start from a clean process, not a copy of this one's loop and sockets.
             context = multiprocessing.get_context("forkserver")
-            self._pool = concurrent.futures.ProcessPoolExecutor(self.workers, mp_context=context)
+            self._pool = concurrent.futures.ProcessPoolExecutor(self.workers, mp_context=context,
+                                                                initializer=_lower_priority)
         return self._pool
 
     def start(self) -> None:
@@ -66,3 +69,9 @@ class RequestDecoder:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
+
+
+def _lower_priority() -> None:
+    """A huge body's decode yields the CPU to the event loop (probes, small calls) when they compete."""
+    with contextlib.suppress(OSError):
+        os.nice(10)

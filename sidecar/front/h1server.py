@@ -152,6 +152,7 @@ class Request:
 
     __slots__ = (
         "_index",
+        "arrived",
         "body",
         "chunked",
         "content_length",
@@ -176,6 +177,7 @@ class Request:
         self.keep_alive = keep_alive
         self.body = body
         self._index: dict[bytes, bytes] | None = None
+        self.arrived = 0.0  # the loop's clock when the header section was complete
         self.content_length: int | None = None
         self.chunked = False
 
@@ -193,10 +195,11 @@ class Request:
 class Responder:
     """Writes the one answer to one request: whole (``send``) or streamed (``start``/``write``/``end``)."""
 
-    __slots__ = ("_conn", "_head_only", "_mode", "close_after", "finished", "started", "status")
+    __slots__ = ("_conn", "_head_only", "_mode", "close_after", "finished", "request", "started", "status")
 
     def __init__(self, conn: H1Connection, request: Request) -> None:
         self._conn = conn
+        self.request = request  # what is answered: some answer headers depend on request headers
         self._head_only = request.method == "HEAD"
         self._mode = ""
         self.started = False
@@ -391,6 +394,7 @@ class H1Connection(asyncio.Protocol):
         method = parser.get_method().decode("ascii")
         body = Body(self, self._expect_continue())
         request = Request(method, target, self._headers, version, parser.should_keep_alive(), body)
+        request.arrived = self.server.now()
         self._frame(request)
         self._body = body
         self._in_message = False
@@ -399,7 +403,7 @@ class H1Connection(asyncio.Protocol):
         if len(self.queue) > self.limits.max_pipelined:
             self.pause_reading()
         if self.worker is None:
-            self.worker = asyncio.get_running_loop().create_task(self._serve())
+            self.worker = self.server.loop.create_task(self._serve())
 
     def on_body(self, body: bytes) -> None:
         if self._body is not None:
@@ -581,8 +585,12 @@ class H1Server:
         return f"<H1Server connections={len(self.connections)}/{self.limits.max_connections}>"
 
     def now(self) -> float:
-        assert self._loop is not None
-        return self._loop.time()
+        return self.loop.time()
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        assert self._loop is not None, "H1Server used before listen()"
+        return self._loop
 
     async def listen(self, host: str, port: int, backlog: int = 1024) -> None:
         self._loop = asyncio.get_running_loop()

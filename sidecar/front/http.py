@@ -14,7 +14,8 @@ import logging
 import os
 import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any
 
 from ..config import Config
 from ..errors import (
@@ -26,8 +27,9 @@ from ..errors import (
     UpstreamUnavailable,
 )
 from ..headers import REQUEST_ID, Header, end_to_end
+from ..mesh.envoy import ORCA_FORMAT, DataPortSignals
 from ..metrics import Metrics
-from ..pipeline.stage import Call, HttpWire, Next, Reply
+from ..pipeline.stage import Call, HttpAnswer, HttpWire, Next, Reply
 from ..protocols import dispatch, tfserving_rest
 from ..protocols.request import InferenceRequest
 from ..state import State, StateMachine
@@ -46,6 +48,7 @@ _JSON_HEADERS = [(b"Content-Type", b"application/json")]
 _MODEL_READY = re.compile(r"/v2/models/[^/]+(?:/versions/[^/]+)?/ready")
 _TF_STATUS = re.compile(r"/v1/models/[^/:]+(?:/versions/[^/:]+|/labels/[^/:]+)?")
 _METHODS_REFUSED = frozenset({"CONNECT"})
+_REPOSITORY_ACTION = re.compile(r"/v2/repository/models/([^/]+)/(?:load|unload)")
 
 
 def error_answer(err: SidecarError) -> tuple[int, list[Header], bytes]:
@@ -63,9 +66,13 @@ def error_answer(err: SidecarError) -> tuple[int, list[Header], bytes]:
 class HttpFront:
     def __init__(self, cfg: Config, upstream: HttpUpstream, pipeline: Next, metrics: Metrics,
                  machine: StateMachine, decoder: RequestDecoder, budget: MemoryBudget,
-                 on_upstream_down: Callable[[], None] | None = None) -> None:
+                 on_upstream_down: Callable[[], None] | None = None,
+                 on_model_reload: Callable[[str], Coroutine[Any, Any, object]] | None = None) -> None:
         self.cfg = cfg
         self.upstream = upstream
+        self.on_model_reload = on_model_reload
+        self.scope_header = cfg.cache.scope_header.lower().encode()
+        self._background: set[asyncio.Task[object]] = set()
         self.pipeline = pipeline
         self.metrics = metrics
         self.machine = machine
@@ -74,6 +81,8 @@ class HttpFront:
         self.on_upstream_down = on_upstream_down
         self.restrictions = restrict.parse(cfg.restricted_api)
         self.in_flight = 0
+        # Envoy's answer headers, and per-model load for ORCA reports and the autoscaler gauges.
+        self.mesh = DataPortSignals(cfg.mesh, machine)
         # Request ids: a random per-process prefix and a counter; unique without a syscall per call.
         self._id_prefix = os.urandom(8).hex()
         self._id_counter = itertools.count()
@@ -99,6 +108,8 @@ class HttpFront:
         label = route.method if route else dispatch.route_label(req.path)
         model = route.model if route else ""
         self.in_flight += 1
+        if route is not None:
+            self.mesh.load.begin(model)
         status = 0
         try:
             self._check_allowed(req)
@@ -115,6 +126,8 @@ class HttpFront:
             status = self._fail(out, request_id, err, label)
         finally:
             self.in_flight -= 1
+            if route is not None:
+                self.mesh.load.end(model)
             self.metrics.observe_request(label, model, status or 499, time.perf_counter() - started)
 
     def _fail(self, out: Responder, request_id: str, err: SidecarError, label: str) -> int:
@@ -144,6 +157,7 @@ class HttpFront:
         headers.append((STATE_HEADER, _STATE_VALUES[self.machine.state]))
         if cache:
             headers.append((CACHE_HEADER, cache.encode()))
+        self.mesh.stamp(headers, out.request.header(ORCA_FORMAT))
         out.send(status, headers, body, reason)
         return status
 
@@ -158,7 +172,7 @@ class HttpFront:
             body = await self._read_body(req, lease)
             call = await self._call(req, route, body, request_id)
             reply = await self.pipeline(call)
-            return self._answer(out, call, reply, request_id)
+            return await self._answer(out, call, reply, request_id)
         finally:
             lease.release()
 
@@ -183,18 +197,36 @@ class HttpFront:
             canonical = InferenceRequest(route.protocol, route.model, route.version, route.method)
             modelled = False
         wire = HttpWire(req.target, tuple(_forward_headers(req, request_id)), body)
-        deadline = asyncio.get_running_loop().time() + self.cfg.upstream.timeout
-        return Call(canonical, request_id, deadline, wire, modelled, route.method, "http")
+        deadline = req.arrived + self.cfg.upstream.timeout
+        call = Call(canonical, request_id, deadline, wire, modelled, route.method, "http")
+        directives = req.header(b"cache-control")
+        if directives is not None:
+            tokens = {t.split(b"=")[0].strip().lower() for t in directives.split(b",")}
+            call.no_store = b"no-store" in tokens
+            call.no_cache = b"no-cache" in tokens
+        call.private = req.header(b"authorization") is not None or req.header(b"cookie") is not None
+        if self.scope_header:
+            call.scope = req.header(self.scope_header) or b""
+        return call
 
-    def _answer(self, out: Responder, call: Call, reply: Reply, request_id: str) -> int:
+    async def _answer(self, out: Responder, call: Call, reply: Reply, request_id: str) -> int:
         raw = reply.raw_for(call)
-        if raw is None and not reply.ok and reply.wire is not None:
-            raw = reply.wire  # an error answer shared with this caller (same call, same protocol)
-        if raw is not None:
-            headers = [h for h in raw.headers if h[0].lower() != REQUEST_ID]
-            return self._send(out, request_id, raw.status, headers, raw.body, raw.reason, reply.cache)
-        headers, body = dispatch.encode_answer(call.request, reply.response())
-        return self._send(out, request_id, 200, headers, body, b"", reply.cache)
+        if raw is None and not reply.ok:
+            raw = reply.wire  # an error answer shared with this caller (same call)
+        if not isinstance(raw, HttpAnswer):
+            if reply.ok:
+                try:
+                    headers, body = dispatch.encode_answer(call.request, reply.response())
+                    return self._send(out, request_id, 200, headers, body, b"", reply.cache)
+                except ValueError:
+                    pass
+            # An answer that cannot take this caller's form (or an error in another protocol's shape):
+            # the model server answers this caller itself.
+            reply = await self.upstream.send(call)
+            raw = reply.raw_for(call)
+            assert isinstance(raw, HttpAnswer)
+        headers = [h for h in raw.headers if h[0].lower() != REQUEST_ID]
+        return self._send(out, request_id, raw.status, headers, raw.body, raw.reason, reply.cache)
 
     # -- readiness paths while not warm --------------------------------------------------------------
 
@@ -230,16 +262,37 @@ class HttpFront:
             response_headers = [h for h in end_to_end(up.headers) if h[0].lower() != REQUEST_ID]
             response_headers.append((b"x-request-id", request_id.encode("latin-1")))
             response_headers.append((STATE_HEADER, _STATE_VALUES[self.machine.state]))
-            out.start(up.status, response_headers, length=up.content_length, chunked=up.chunked, reason=up.reason)
+            self.mesh.stamp(response_headers, req.header(ORCA_FORMAT))
+            length = up.content_length if up.has_body else _declared_length(up.headers)
+            out.start(up.status, response_headers, length=length, chunked=up.chunked, reason=up.reason)
             async for chunk in up:
                 await out.write(chunk)
             out.end(list(up.trailers))
-            return up.status
+        if up.status == 200 and req.method == "POST":
+            self._repository_changed(req.path)
+        return up.status
+
+    def _repository_changed(self, path: str) -> None:
+        """A model loaded or unloaded through this port (the repository API): its cached answers go now,
+        even when the version did not change (a reload of new files under the same version)."""
+        match = _REPOSITORY_ACTION.fullmatch(path)
+        if match is not None and self.on_model_reload is not None:
+            task: asyncio.Task[object] = asyncio.get_running_loop().create_task(self.on_model_reload(match.group(1)))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
 
 class _MethodNotAllowed(SidecarError):
     http_status = 405
     grpc_code = "UNIMPLEMENTED"
+
+
+def _declared_length(headers: list[Header]) -> int | None:
+    """The Content-Length an answer without a body (HEAD, 204, 304) declares: it goes back as it came."""
+    for k, v in headers:
+        if k.lower() == b"content-length" and v.strip().isdigit():
+            return int(v)
+    return None
 
 
 def _forward_headers(req: Request, request_id: str) -> list[Header]:

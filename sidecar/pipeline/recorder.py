@@ -16,12 +16,20 @@ import time
 from ..cache.keys import batch_size, request_key, shape_signature
 from ..config import RecordConfig
 from ..metrics import Metrics
+from ..protocols import dispatch
 from ..warmup import payload
 from ..warmup.sketch import SpaceSaving
 from ..warmup.store import Sample, TrafficStore
-from .stage import Call, Next, Reply
+from .stage import Call, HttpWire, Next, Reply
 
 log = logging.getLogger("sidecar.recorder")
+
+
+def wire_size(call: Call) -> int:
+    wire = call.wire
+    if isinstance(wire, HttpWire):
+        return len(wire.body)
+    return len(wire.message) if wire is not None else 0
 _HASH_INLINE = 1024 * 1024
 
 
@@ -44,6 +52,7 @@ class Recorder:
         self.allow = frozenset(cfg.models)
         self._queue: asyncio.Queue[Call] = asyncio.Queue(cfg.queue_size)
         self._queued_bytes = 0
+        self._batches: dict[tuple[str, str, int], int] = {}
         self._models: dict[str, _ModelMemory] = {}
         # When each key's payload last went to the store: resent only to refresh its TTL.
         self._payload_sent: dict[str, float] = {}
@@ -55,7 +64,7 @@ class Recorder:
         reply = await next(call)
         # Only calls the server answered are worth replaying; unmodelled ones cannot be keyed.
         if reply.status == 200 and call.modelled and (not self.allow or call.request.model in self.allow):
-            size = len(call.wire.body) if call.wire is not None else 0
+            size = wire_size(call)
             if self._queued_bytes + size > self.cfg.queue_bytes:
                 self.metrics.record_dropped.inc()
                 return reply
@@ -81,7 +90,7 @@ class Recorder:
 
     async def _observe_safely(self, call: Call) -> None:
         """One bad call is dropped and counted; it never stops the recorder."""
-        size = len(call.wire.body) if call.wire is not None else 0
+        size = wire_size(call)
         self._queued_bytes -= size
         try:
             # Hashing a large call takes milliseconds; hashlib releases the GIL, so a thread keeps the loop free.
@@ -106,13 +115,25 @@ class Recorder:
         self.metrics.recorded.inc()
 
     def _payload_for(self, key: str, call: Call) -> bytes:
-        wire = call.wire
-        if wire is None or len(wire.body) > self.cfg.max_payload_bytes:
+        if wire_size(call) > self.cfg.max_payload_bytes:
             return b""
         sent = self._payload_sent.get(key)
         if sent is not None and time.time() - sent < self.cfg.payload_ttl / 2:
             return b""  # the store has it; b"" keeps what it has
-        return payload.encode(payload.RecordedCall.from_wire(wire.target, wire.headers, wire.body))
+        wire = call.wire
+        if isinstance(wire, HttpWire):
+            recorded = payload.RecordedCall.from_wire(wire.target, wire.headers, wire.body)
+        else:  # a gRPC caller: kept in its family's HTTP form, which warm-up replays
+            recorded = payload.RecordedCall.from_wire(*dispatch.encode_http(call.request))
+        return payload.encode(recorded)
+
+    def observe_batch(self, model: str, shape: str, batch: int) -> None:
+        """A batch size that reached the model server (the batcher's): warm-up covers the sizes it makes."""
+        if self.allow and model not in self.allow:
+            return
+        key = (model, shape, batch)
+        if key in self._batches or len(self._batches) < self.capacity:
+            self._batches[key] = self._batches.get(key, 0) + 1
 
     async def close(self) -> None:
         """Record what is still queued, then write it: a shutdown loses nothing that was seen."""
@@ -130,6 +151,9 @@ class Recorder:
                 if body:
                     self._payload_sent[key] = now
         self._models.clear()
+        samples.extend(Sample(model, "", shape, batch, count, b"") for (model, shape, batch), count in
+                       self._batches.items())
+        self._batches.clear()
         if len(self._payload_sent) > 20 * self.capacity:  # bounded: forget the oldest half
             for key, _ in sorted(self._payload_sent.items(), key=lambda kv: kv[1])[: len(self._payload_sent) // 2]:
                 del self._payload_sent[key]

@@ -40,6 +40,32 @@ class HttpAnswer:
     body: bytes
 
 
+@dataclass(frozen=True, slots=True)
+class GrpcWire:
+    """A gRPC caller's request exactly as it goes upstream: full method name, serialized message,
+    the metadata to forward (hop-specific keys removed)."""
+
+    method: str  # e.g. "/inference.GRPCInferenceService/ModelInfer"
+    message: bytes
+    metadata: tuple[tuple[str, str | bytes], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class GrpcAnswer:
+    """The model server's own gRPC answer: the serialized response message (b"" on error), its status
+    code name ("OK", "INVALID_ARGUMENT", ...) and details, initial and trailing metadata."""
+
+    code: str
+    details: str
+    message: bytes
+    initial_metadata: tuple[tuple[str, str | bytes], ...] = ()
+    trailing_metadata: tuple[tuple[str, str | bytes], ...] = ()
+
+
+Wire = HttpWire | GrpcWire
+Answer = HttpAnswer | GrpcAnswer
+
+
 @dataclass(slots=True, eq=False)
 class Call:
     """One inference call as the stages see it."""
@@ -48,11 +74,18 @@ class Call:
     request_id: str
     deadline: float  # absolute, on the event loop's clock
     # The caller's own request; None for calls the sidecar builds (batches, the warm-up sweep).
-    wire: HttpWire | None = None
+    wire: Wire | None = None
     # False when the codecs could not model the call: it goes upstream untouched, unrecorded, uncached.
     modelled: bool = True
     route: str = "infer"  # metrics label
     origin: str = "http"  # http | grpc | warmup
+    # The caller's cache directives (Cache-Control): no_store skips the cache both ways, no_cache skips
+    # the read but stores the answer.
+    no_store: bool = False
+    no_cache: bool = False
+    # The call carries credentials (Authorization, Cookie); ``scope`` is the value of cache.scope_header.
+    private: bool = False
+    scope: bytes = b""
 
 
 Decoder = Callable[[], InferenceResponse]
@@ -60,11 +93,14 @@ Decoder = Callable[[], InferenceResponse]
 
 class Reply:
     """An answer: the upstream's own wire answer for the call that produced it, and/or the canonical
-    response (decoded on first use, since a pass-through answer usually never needs it)."""
+    response (decoded on first use, since a pass-through answer usually never needs it).
+
+    ``status`` is HTTP-like whatever the protocol (200 for a gRPC OK, a gRPC error mapped to the status
+    Triton's HTTP API uses for it), so stages judge success the same way for every front."""
 
     __slots__ = ("_decode", "_response", "cache", "for_call", "source", "status", "wire")
 
-    def __init__(self, status: int, *, wire: HttpAnswer | None = None, for_call: Call | None = None,
+    def __init__(self, status: int, *, wire: Answer | None = None, for_call: Call | None = None,
                  response: InferenceResponse | None = None, decode: Decoder | None = None,
                  source: str = "upstream", cache: str = "") -> None:
         self.status = status
@@ -90,7 +126,7 @@ class Reply:
             self._response = self._decode()
         return self._response
 
-    def raw_for(self, call: Call) -> HttpAnswer | None:
+    def raw_for(self, call: Call) -> Answer | None:
         """The upstream's own bytes, when they answer exactly this caller's request."""
         return self.wire if self.for_call is call else None
 

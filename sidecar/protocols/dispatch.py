@@ -106,6 +106,20 @@ def encode_answer(request: InferenceRequest, response: InferenceResponse) -> tup
     return [(b"Content-Type", OCTET), (b"Inference-Header-Content-Length", b"%d" % header_length)], body
 
 
+def encode_http(request: InferenceRequest) -> tuple[bytes, tuple[Header, ...], bytes]:
+    """(target, headers, body): a canonical request in its family's HTTP form; KServe v2 requests use the
+    binary tensor extension. For calls the sidecar builds (batches, the warm-up sweep) and for recording
+    gRPC callers' requests so warm-up can replay them."""
+    if request.protocol in (Protocol.TFSERVING_REST, Protocol.TFSERVING_GRPC):
+        return tfserving_rest.infer_path(request).encode(), ((b"Content-Type", JSON),), \
+            tfserving_rest.encode_request(request)
+    body, header_length = kserve_http.encode_request(request, True)
+    target = kserve_http.infer_path(request.model, request.version).encode()
+    if header_length is None:
+        return target, ((b"Content-Type", JSON),), body
+    return target, ((b"Content-Type", OCTET), (b"Inference-Header-Content-Length", b"%d" % header_length)), body
+
+
 def binary_outputs(request: InferenceRequest, response: InferenceResponse) -> frozenset[str]:
     """The outputs the caller asked to receive in the binary section (Triton's rules)."""
     everything = any(k == BINARY_OUTPUT_PARAM and v == "true" for k, v in request.parameters)

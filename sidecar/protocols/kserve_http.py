@@ -424,9 +424,10 @@ def encode_request(req: InferenceRequest, binary_inputs: bool) -> tuple[bytes, i
 
 def encode_response(resp: InferenceResponse, binary_outputs: frozenset[str]) -> tuple[bytes, int | None]:
     """Outputs named in ``binary_outputs`` (and those JSON cannot carry) go in the binary section."""
-    header: dict[str, Any] = {"model_name": resp.model, "model_version": resp.version}
-    if resp.id:
-        header["id"] = resp.id
+    # Triton's own key order (id first), so a re-encoded answer reads exactly like the server's.
+    header: dict[str, Any] = {"id": resp.id} if resp.id else {}
+    header["model_name"] = resp.model
+    header["model_version"] = resp.version
     if resp.parameters:
         header["parameters"] = thaw_params(resp.parameters)
     header["outputs"], chunks = _encode_tensors(resp.outputs, lambda t: t.name in binary_outputs)

@@ -652,14 +652,22 @@ class H1Pool:
         return self._in_use
 
     async def request(self, method: str, target: bytes | str, headers: HeaderInput, body: bytes = b"", *,
-                      max_body: int | None = None) -> H1Response:
+                      max_body: int | None = None, deadline: float | None = None) -> H1Response:
         """One whole exchange. Raises ConnectionFailed (ProtocolError), BodyTooLarge, ValueError for
-        a request that cannot be written; cancellation and timeouts propagate (the connection is closed)."""
+        a request that cannot be written, TimeoutError past ``deadline`` (absolute, on the loop's clock);
+        cancellation and timeouts close the connection.
+
+        The deadline is one timer on the loop, not ``asyncio.timeout``: this is the inference hot path,
+        and a timeout context costs several times more (task lookups, a syscall per loop lookup)."""
         # RFC 9110 8.6: no Content-Length where the method does not anticipate content.
         framing = b"Content-Length: %d\r\n" % len(body) if body or method not in _NO_BODY_METHODS else b""
         head = self._head(method, target, headers, framing)
         payload = head + body if len(body) <= _JOIN_LIMIT else None
         is_head = method == "HEAD"
+        if deadline is not None and self._slots.locked():
+            async with asyncio.timeout_at(deadline):  # waiting for a free connection counts too
+                await self._slots.acquire()
+            self._slots.release()
         async with self._slots:
             self._in_use += 1
             try:
@@ -667,7 +675,7 @@ class H1Pool:
                 if conn is not None:
                     waiter = _send(conn, is_head, max_body, payload, head, body)
                     try:
-                        response: H1Response = await waiter
+                        response: H1Response = await _until(waiter, deadline)
                     except ConnectionFailed as e:
                         conn.drop()
                         if e.got_bytes or not e.reused:
@@ -683,7 +691,7 @@ class H1Pool:
                 conn = await self._connect()
                 waiter = _send(conn, is_head, max_body, payload, head, body)
                 try:
-                    response = await waiter
+                    response = await _until(waiter, deadline)
                 except BaseException:
                     conn.drop()
                     raise
@@ -883,6 +891,22 @@ def _name(name: bytes | str) -> bytes:
     if len(_NAMES) < _NAMES_MAX:  # bounded: names are chosen by clients
         _NAMES[name] = result
     return result
+
+
+async def _until(waiter: asyncio.Future[Any], deadline: float | None) -> Any:
+    """``await waiter``, or TimeoutError once the loop's clock passes ``deadline``."""
+    if deadline is None:
+        return await waiter
+    timer = waiter.get_loop().call_at(deadline, _expire, waiter)
+    try:
+        return await waiter
+    finally:
+        timer.cancel()
+
+
+def _expire(waiter: asyncio.Future[Any]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
 
 
 def _send(conn: _Conn, is_head: bool, max_body: int | None, payload: bytes | None, head: bytes,

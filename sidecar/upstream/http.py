@@ -20,8 +20,8 @@ from ..errors import UpstreamTimeout, UpstreamUnavailable
 from ..headers import Header, end_to_end
 from ..metrics import Metrics
 from ..pipeline.stage import Call, HttpAnswer, HttpWire, Reply
-from ..protocols import dispatch, kserve_http, tfserving_rest
-from ..protocols.request import InferenceRequest, Protocol
+from ..protocols import dispatch
+from ..protocols.request import InferenceRequest
 from .h1 import BodyTooLarge, ConnectionFailed, H1Pool, H1Stream
 
 _PROBE_POOL_SIZE = 4
@@ -45,17 +45,14 @@ class HttpUpstream:
 
     async def send(self, call: Call) -> Reply:
         """Pipeline terminal: the caller's own bytes (or the canonical request encoded), whole answer back."""
-        wire = call.wire if call.wire is not None else encode_wire(call.request)
-        loop = asyncio.get_running_loop()
-        timeout = max(min(self.cfg.timeout, call.deadline - loop.time()), 0.001)
+        wire = call.wire if isinstance(call.wire, HttpWire) else encode_wire(call.request)
         started = time.perf_counter()
         try:
-            async with asyncio.timeout(timeout):
-                r = await self.pool.request("POST", wire.target, wire.headers, wire.body,
-                                            max_body=self.max_answer_bytes)
+            r = await self.pool.request("POST", wire.target, wire.headers, wire.body, max_body=self.max_answer_bytes,
+                                        deadline=call.deadline)
         except TimeoutError:
             self.metrics.upstream_errors.labels("timeout").inc()
-            raise UpstreamTimeout(f"model server did not answer within {timeout:g} s") from None
+            raise UpstreamTimeout("model server did not answer before the call's deadline") from None
         except ConnectionFailed as e:
             self.metrics.upstream_errors.labels("unavailable").inc()
             raise UpstreamUnavailable(f"model server unavailable: {e}") from None
@@ -109,13 +106,5 @@ class HttpUpstream:
 
 
 def encode_wire(request: InferenceRequest) -> HttpWire:
-    """A canonical request in its protocol's HTTP form (batches, the warm-up sweep)."""
-    if request.protocol is Protocol.TFSERVING_REST:
-        body = tfserving_rest.encode_request(request)
-        return HttpWire(tfserving_rest.infer_path(request).encode(), ((b"Content-Type", dispatch.JSON),), body)
-    body, header_length = kserve_http.encode_request(request, True)
-    target = kserve_http.infer_path(request.model, request.version).encode()
-    if header_length is None:
-        return HttpWire(target, ((b"Content-Type", dispatch.JSON),), body)
-    return HttpWire(target, ((b"Content-Type", dispatch.OCTET),
-                             (b"Inference-Header-Content-Length", b"%d" % header_length)), body)
+    """A canonical request in its protocol family's HTTP form (batches, the warm-up sweep, gRPC callers)."""
+    return HttpWire(*dispatch.encode_http(request))

@@ -28,9 +28,9 @@ from ..protocols.request import (
     thaw_params,
     unpack_bytes_elements,
 )
+from ..protocols.rows import tensor_rows
 from ..protogen.tensorflow_serving.apis import input_pb2, model_pb2, prediction_log_pb2
 from . import tfrecord
-from .stacking import tensor_rows
 from .tftensor import cast, example_from_json, example_text, examples_tensor, from_tensor_proto, to_tensor_proto
 
 MAX_TF_RECORDS = 1000  # TF Serving's own limit on warm-up records

@@ -19,8 +19,8 @@ from ..config import Config
 from ..errors import DecodeError
 from ..protocols import kserve_http, tfserving_rest
 from ..protocols.request import InferenceRequest, Protocol
+from ..protocols.rows import row_signature, stack
 from . import payload
-from .stacking import row_signature, stack
 from .store import TrafficStore
 
 log = logging.getLogger("sidecar.planner")

@@ -126,8 +126,10 @@ class Replayer:
         loop = asyncio.get_running_loop()
         headers = tuple((k.encode("latin-1"), v.encode("latin-1")) for k, v in call.headers)
         wire = HttpWire(call.path.encode("latin-1"), headers, call.body)
+        # no_cache: a replayed call measures the model, so it is never answered from the cache, but its
+        # answer is stored there (warm from the first request).
         replayed = Call(call.request, f"warmup-{call.kind}", loop.time() + self.timeout, wire, route="warmup",
-                        origin="warmup")
+                        origin="warmup", no_cache=True)
         started = time.perf_counter()
         try:
             reply = await self.send(replayed)

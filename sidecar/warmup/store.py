@@ -94,7 +94,7 @@ class Sample:
     """Aggregated observations of one request identity since the last flush."""
 
     model: str
-    key: str  # hex digest of the canonical request identity (computed by the recorder)
+    key: str  # hex digest of the canonical request identity; "" for a batch shape only (the batcher's)
     shape: str  # shape signature, e.g. "INPUT0:FP32[4,16];INPUT1:INT64[4]"
     batch: int  # leading (batch) dimension, 1 if none
     count: int  # how many times seen since the last flush
@@ -445,9 +445,10 @@ class SQLiteStore:
         limits = self.limits
         with _transaction(db, "BEGIN IMMEDIATE"):  # IMMEDIATE: the epoch read below is the one we write with
             growth = self._growth(db, now)
-            db.executemany(_UPSERT_ENTRY, [(s.model, s.key, s.count * growth, s.shape, s.batch, now) for s in samples])
+            calls = [s for s in samples if s.key]  # keyless samples are batch shapes only (the batcher's)
+            db.executemany(_UPSERT_ENTRY, [(s.model, s.key, s.count * growth, s.shape, s.batch, now) for s in calls])
             db.executemany(_UPSERT_SHAPE, [(s.model, s.shape, s.batch, s.count * growth) for s in samples])
-            db.executemany(_UPSERT_MODEL, [(s.model, s.count * growth) for s in samples])
+            db.executemany(_UPSERT_MODEL, [(s.model, s.count * growth) for s in calls])
             for model in {s.model for s in samples}:
                 self._trim(db, model)
             db.execute(_DELETE_EXPIRED_PAYLOADS, (now - limits.payload_ttl,))
@@ -675,11 +676,13 @@ local touched = {}
 for i = FIRST, #ARGV, FIELDS do
   local model, key, shape, batch = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   local inc = num(tonumber(ARGV[i + 4]) * g)
-  local score = redis.call('ZINCRBY', model_key(model, 'w'), inc, key)
-  redis.call('HSET', model_key(model, 'h'), key, num(now) .. '\n' .. batch .. '\n' .. shape)
   redis.call('ZINCRBY', model_key(model, 's'), inc, batch .. '\n' .. shape)
-  redis.call('ZINCRBY', models_key, inc, model)
-  keep_payload(model, key, ARGV[i + 5], score)
+  if key ~= '' then -- a keyless sample is a batch shape only (the batcher's)
+    local score = redis.call('ZINCRBY', model_key(model, 'w'), inc, key)
+    redis.call('HSET', model_key(model, 'h'), key, num(now) .. '\n' .. batch .. '\n' .. shape)
+    redis.call('ZINCRBY', models_key, inc, model)
+    keep_payload(model, key, ARGV[i + 5], score)
+  end
   touched[model] = true
 end
 for model in pairs(touched) do

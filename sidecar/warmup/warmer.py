@@ -10,10 +10,12 @@ import logging
 from ..config import Config
 from ..errors import SidecarError
 from ..metrics import Metrics
+from ..pipeline.latency import LatencyModel
 from ..pipeline.stage import Next
 from ..protocols.request import Protocol
 from ..state import StateMachine
 from ..upstream.http import HttpUpstream
+from ..upstream.models import ModelCatalog
 from .planner import Plan, Planner
 from .replayer import Replayer, WarmupReport
 from .store import TrafficStore
@@ -23,11 +25,14 @@ log = logging.getLogger("sidecar.warmup")
 
 class Warmer:
     def __init__(self, cfg: Config, store: TrafficStore, client: HttpUpstream, machine: StateMachine,
-                 metrics: Metrics, send: Next | None = None) -> None:
+                 metrics: Metrics, send: Next | None = None, catalog: ModelCatalog | None = None,
+                 latency: LatencyModel | None = None) -> None:
         """``send``: where replayed calls enter the pipeline (the response cache, so its answers fill it);
         by default straight to the model server."""
         self.cfg = cfg
         self.client = client
+        self.catalog = catalog or ModelCatalog(client, cfg.warmup.max_batch)
+        self.latency = latency
         self.machine = machine
         self.metrics = metrics
         self.planner = Planner(cfg, store, self.max_batch_of)
@@ -56,35 +61,15 @@ class Warmer:
             log.warning("warm-up %d could not run (%s)", self.runs, getattr(e, "message", type(e).__name__))
             return not self.cfg.warmup.require_complete
         log.info("warm-up %d done: %s", self.runs, self.report.render().strip())
+        if self.latency is not None:
+            for group in self.report.groups.values():
+                if group.passes and group.batch:
+                    self.latency.observe(group.model, group.batch, group.passes[-1])
         return self.report.complete or not self.cfg.warmup.require_complete
 
     def _progress(self, value: float) -> None:
         self.machine.progress = value  # the gauge reads it from there
 
     async def max_batch_of(self, model: str, protocol: Protocol) -> int | None:
-        """The model's largest batch, from the model server's own metadata; None when unknown."""
-        try:
-            if protocol is Protocol.TFSERVING_REST:
-                status, body = await self.client.probe(f"/v1/models/{model}/metadata", 5.0)
-                return self.cfg.warmup.max_batch if status == 200 and _tf_has_batch_dim(body) else None
-            status, body = await self.client.probe(f"/v2/models/{model}/config", 5.0)
-        except Exception as e:  # metadata is a hint for the sweep; warm-up goes on without it
-            log.info("no metadata for %s (%s); shape sweep skipped", model, e)
-            return None
-        if status == 200 and isinstance(body, dict) and isinstance(body.get("max_batch_size"), int):
-            return int(body["max_batch_size"])
-        return None
-
-
-def _tf_has_batch_dim(body: object) -> bool:
-    """TF Serving metadata: does some input of some signature have a leading -1 dimension?"""
-    try:
-        signatures = body["metadata"]["signature_def"]["signature_def"]  # type: ignore[index]
-        for sig in signatures.values():
-            for tensor in sig.get("inputs", {}).values():
-                dims = tensor.get("tensor_shape", {}).get("dim", [])
-                if dims and str(dims[0].get("size")) == "-1":
-                    return True
-    except (KeyError, TypeError, AttributeError):
-        return False
-    return False
+        """The model's largest batch, from the model server's own configuration; None when unknown."""
+        return (await self.catalog.info(model, protocol)).max_batch
