@@ -33,6 +33,13 @@ class UnsafeInput(SidecarError):
     grpc_code = "INVALID_ARGUMENT"
 
 
+class BadRequest(SidecarError):
+    """A request the sidecar cannot forward as received (a target or header no proxy may pass on)."""
+
+    http_status = 400
+    grpc_code = "INVALID_ARGUMENT"
+
+
 class Forbidden(SidecarError):
     """A restricted API called without the required header, or an admin action without its token."""
 

@@ -7,7 +7,8 @@ from collections.abc import Iterable
 Header = tuple[bytes, bytes]
 
 # RFC 9110 section 7.6.1 connection-specific headers, plus the framing headers each hop
-# recomputes for itself.
+# recomputes for itself. Host is not among them: it goes on as the client sent it (as HAProxy and
+# Envoy keep it), so the model server's absolute URLs name the address clients use.
 HOP_BY_HOP = frozenset(
     {
         b"connection",
@@ -20,7 +21,6 @@ HOP_BY_HOP = frozenset(
         b"transfer-encoding",
         b"upgrade",
         b"content-length",
-        b"host",
         # The sidecar's own server answers 100-continue at once; the upstream gets the whole body.
         b"expect",
     }

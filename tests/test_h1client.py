@@ -330,14 +330,22 @@ async def test_get_without_body_sends_no_content_length(upstream: Upstream, pool
     assert upstream.peers[0].requests[1].header(b"content-length") == b"0"
 
 
-async def test_pool_writes_host_and_framing_itself(upstream: Upstream, pool: H1Pool) -> None:
-    headers = [("Host", "evil"), ("Content-Length", "999"), ("transfer-encoding", "chunked"), ("x-kept", "1")]
+async def test_pool_writes_the_framing_itself_and_keeps_the_clients_host(upstream: Upstream, pool: H1Pool) -> None:
+    headers = [("Host", "models.example:8000"), ("Content-Length", "999"), ("transfer-encoding", "chunked"),
+               ("x-kept", "1")]
     r = await within(pool.request("POST", "/x", headers, b"hi"))
     assert r.body == b"POST /x hi"
     req = upstream.peers[0].requests[0]
-    assert req.header(b"host") == upstream.url.removeprefix("http://").encode()
+    assert req.header(b"host") == b"models.example:8000"  # as HAProxy and Envoy keep it
     assert req.header(b"content-length") == b"2" and req.header(b"transfer-encoding") is None
     assert req.header(b"x-kept") == b"1"
+    await within(pool.request("GET", "/y", []))
+    assert upstream.peers[0].requests[1].header(b"host") == upstream.url.removeprefix("http://").encode()
+
+
+async def test_a_host_header_that_could_split_the_request_is_refused(upstream: Upstream, pool: H1Pool) -> None:
+    with pytest.raises(ValueError):
+        await pool.request("GET", "/", [(b"Host", b"a\r\nX-Injected: 1")])
 
 
 @pytest.mark.parametrize(

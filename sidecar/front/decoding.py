@@ -37,15 +37,15 @@ class RequestDecoder:
     def __repr__(self) -> str:
         return f"<RequestDecoder inline<={self.inline_bytes} workers={self.workers} offloaded={self.offloaded}>"
 
-    async def decode(self, route: dispatch.InferenceRoute, body: bytes, header_length: bytes | None,
+    async def decode(self, route: dispatch.InferenceRoute, body: bytes, header_lengths: list[bytes],
                      encoding: bytes | None) -> InferenceRequest:
         """The canonical request; DecodeError when the codecs cannot model it, UnsafeInput to refuse it."""
         if len(body) <= self.inline_bytes or self.workers == 0:
-            return dispatch.decode_wire(route, body, header_length, encoding, self.max_decoded_bytes)
+            return dispatch.decode_wire(route, body, header_lengths, encoding, self.max_decoded_bytes)
         self.offloaded += 1
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._executor(), dispatch.decode_wire, route, body, header_length,
+            return await loop.run_in_executor(self._executor(), dispatch.decode_wire, route, body, header_lengths,
                                               encoding, self.max_decoded_bytes)
         except BrokenProcessPool:
             log.warning("a decoding worker died; replacing it (the call goes upstream unmodelled)")

@@ -91,6 +91,10 @@ class Body:
         self.complete = True
         self._wake()
 
+    def reopen(self) -> None:
+        """llhttp ended an upgrade request's body at its headers; its bytes follow after all."""
+        self.complete = False
+
     def fail(self, error: BaseException) -> None:
         if not self.complete:
             self._error = error
@@ -180,6 +184,10 @@ class Request:
         self.arrived = 0.0  # the loop's clock when the header section was complete
         self.content_length: int | None = None
         self.chunked = False
+
+    def header_values(self, name: bytes) -> list[bytes]:
+        """Every value of a header, in order; ``name`` in lower case."""
+        return [v for k, v in self.headers if k.lower() == name]
 
     def header(self, name: bytes) -> bytes | None:
         """Last value of a header; ``name`` in lower case."""
@@ -310,6 +318,8 @@ class H1Connection(asyncio.Protocol):
         self._body: Body | None = None
         self._in_message = False
         self._timed_out = False
+        self._reason = ""  # why a callback refused the request (llhttp only says "callback error")
+        self._raw: _BodyParser | None = None  # an upgrade request's body (llhttp stops at its headers)
 
     def __repr__(self) -> str:
         return f"<H1Connection queued={len(self.queue)} closed={self.closed}>"
@@ -345,16 +355,21 @@ class H1Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closed:
             return
+        if self._raw is not None:
+            self._raw_body(data)
+            return
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            # Upgrade/CONNECT: the model servers speak neither; answer what was parsed, then close.
-            if self._body is not None:
-                self._body.end()
-                self._body = None
-            self._after_upgrade()
+        except httptools.HttpParserUpgrade as e:
+            self._after_upgrade(data[e.args[0]:] if e.args and isinstance(e.args[0], int) else b"")
         except httptools.HttpParserError as e:
-            self._protocol_error(str(e))
+            self._protocol_error(self._reason or str(e))
+
+    def eof_received(self) -> bool:
+        """The client closed its side. Like HAProxy's ``option abortonclose``, that ends its calls: a client
+        that is gone must not keep held or queued work alive (a client that only half-closes after sending,
+        rare in practice, loses its answer; the difference is documented)."""
+        return False
 
     def pause_writing(self) -> None:
         if self._writing_paused is None:
@@ -387,11 +402,15 @@ class H1Connection(asyncio.Protocol):
         version = parser.get_http_version()
         self.http10 = version == "1.0"
         target = bytes(self._url)
+        method = parser.get_method().decode("ascii")
         if b"#" in target:
-            raise httptools.HttpParserError("fragment in request target")
+            self._reason = "fragment in request target"
+            raise httptools.HttpParserError(self._reason)
+        if target[:1] == b"*" and (target != b"*" or method != "OPTIONS"):
+            self._reason = "asterisk-form request target is only for OPTIONS"
+            raise httptools.HttpParserError(self._reason)
         if target[:1] != b"/" and target != b"*":
             target = _origin_form(target)
-        method = parser.get_method().decode("ascii")
         body = Body(self, self._expect_continue())
         request = Request(method, target, self._headers, version, parser.should_keep_alive(), body)
         request.arrived = self.server.now()
@@ -528,22 +547,43 @@ class H1Connection(asyncio.Protocol):
             self.close()  # an answer is being written already; nothing else can be said in order
         elif "too large" in why:
             self._refuse(431, "request header section too large")
+        elif "Invalid method" in why:
+            self._refuse(405, "Method Not Allowed")  # Triton's own answer to a method it does not know
         else:
             self._refuse(400, f"malformed HTTP request ({why})")
 
     def _refuse(self, status: int, message: str) -> None:
         body = b'{"error":"%s"}' % message.replace('"', "'").encode()
         reason = b"Request Header Fields Too Large" if status == 431 else reason_for(status)
-        self.write(b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
-                   b"Connection: close\r\n\r\n%s" % (status, reason, len(body), body))
+        kind = b"text/plain" if status == 405 else b"application/json"  # Triton's own 405 says text/plain
+        self.write(b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
+                   b"Connection: close\r\n\r\n%s" % (status, reason, kind, len(body), body))
         self.close()
 
-    def _after_upgrade(self) -> None:
-        if self.queue:
-            self.queue[-1][1].close_after = True
-            self.pause_reading()
-        else:
+    def _after_upgrade(self, rest: bytes) -> None:
+        """An Upgrade request (curl --http2 sends one): the model servers ignore the upgrade, so it is an
+        ordinary request whose body follows its headers, framed as it says; the connection closes after it."""
+        if not self.queue:
             self._refuse(400, "upgrade requests are not supported")
+            return
+        request, responder = self.queue[-1]
+        responder.close_after = True
+        if not request.content_length and not request.chunked:
+            return
+        request.body.reopen()
+        framing = b"Transfer-Encoding: chunked" if request.chunked else b"Content-Length: %d" % request.content_length
+        self._raw = _BodyParser(request.body, framing)
+        self._raw_body(rest)
+
+    def _raw_body(self, data: bytes) -> None:
+        """Body bytes of an upgrade request, read by a parser of their own; anything after them is ignored."""
+        assert self._raw is not None
+        if data and not self._raw.done:
+            try:
+                self._raw.feed(data)
+            except httptools.HttpParserError:
+                self._raw.body.fail(ClientClosed("malformed body on an upgrade request"))
+                self.close()
 
     def _expect_continue(self) -> bool:
         for k, v in self._headers:
@@ -558,6 +598,26 @@ class H1Connection(asyncio.Protocol):
         request.chunked = request.header(b"transfer-encoding") is not None
         if request.content_length is None and not request.chunked:
             request.body.complete = True  # no body; on_message_complete follows
+
+
+class _BodyParser:
+    """llhttp reading just a body, framed as a synthetic head says (the head of an upgrade request)."""
+
+    def __init__(self, body: Body, framing: bytes) -> None:
+        self.body = body
+        self.done = False
+        self.parser = httptools.HttpRequestParser(self)
+        self.parser.feed_data(b"POST / HTTP/1.1\r\n" + framing + b"\r\n\r\n")
+
+    def feed(self, data: bytes) -> None:
+        self.parser.feed_data(data)
+
+    def on_body(self, chunk: bytes) -> None:
+        self.body.feed(chunk)
+
+    def on_message_complete(self) -> None:
+        self.done = True
+        self.body.end()
 
 
 def _origin_form(target: bytes) -> bytes:

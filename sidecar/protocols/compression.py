@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import zlib
 
-from ..errors import DecodeError
+from ..errors import DecodeError, PayloadTooLarge
 
 IDENTITY = frozenset({b"", b"identity"})
 
 
 def decompress(encoding: bytes, body: bytes, limit: int) -> bytes:
-    """The body with ``encoding`` undone; DecodeError for an unknown encoding, corrupt data or more than
-    ``limit`` bytes of output. ``encoding`` is the Content-Encoding header value (one coding)."""
+    """The body with ``encoding`` undone; DecodeError for an unknown encoding or corrupt data,
+    PayloadTooLarge past ``limit`` bytes of output. ``encoding`` is the Content-Encoding value (one coding)."""
     coding = encoding.strip().lower()
     if coding in IDENTITY:
         return body
@@ -33,7 +33,9 @@ def decompress(encoding: bytes, body: bytes, limit: int) -> bytes:
     except zlib.error as e:
         raise DecodeError(f"body: corrupt {coding.decode()} data ({e})") from None
     if len(out) > limit or inflater.unconsumed_tail:
-        raise DecodeError(f"body: decompresses to more than {limit} bytes")
+        # The sidecar's own body limit, applied to what the body expands to: a small compressed body must not
+        # become an unbounded allocation here or in the model server.
+        raise PayloadTooLarge(f"request body decompresses to more than the limit of {limit} bytes")
     if not inflater.eof:
         raise DecodeError(f"body: truncated {coding.decode()} data")
     return out

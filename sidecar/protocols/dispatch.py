@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from ..errors import DecodeError
-from . import compression, kserve_http, tfserving_rest
+from . import compression, kserve_http, safety, tfserving_rest
 from .request import InferenceRequest, InferenceResponse, Protocol
 
 Header = tuple[bytes, bytes]
@@ -50,15 +50,20 @@ def decode(route: InferenceRoute, body: bytes, header_length: int | None) -> Inf
     return tfserving_rest.decode_request(route.model, route.version, route.label, route.method, body)
 
 
-def decode_wire(route: InferenceRoute, body: bytes, header_length: bytes | None, encoding: bytes | None,
+def decode_wire(route: InferenceRoute, body: bytes, header_lengths: list[bytes], encoding: bytes | None,
                 limit: int) -> InferenceRequest:
-    """Decode a request as it came off the wire; DecodeError when it cannot be modelled.
+    """Decode a request as it came off the wire; DecodeError when it cannot be modelled, UnsafeInput when the
+    model server must not see it, PayloadTooLarge when it decompresses past ``limit``.
 
-    ``header_length`` and ``encoding`` are the raw Inference-Header-Content-Length and
-    Content-Encoding header values; ``limit`` bounds the decompressed size."""
+    ``header_lengths`` are the raw Inference-Header-Content-Length values (normally none or one);
+    ``encoding`` the raw Content-Encoding."""
     if encoding is not None:
         body = compression.decompress(encoding, body, limit)
-    return decode(route, body, parse_length(header_length))
+    if route.protocol is Protocol.KSERVE_HTTP:
+        safety.check(body, header_lengths)
+    if len(header_lengths) > 1:
+        raise DecodeError("Inference-Header-Content-Length: given more than once")
+    return decode(route, body, parse_length(header_lengths[0] if header_lengths else None))
 
 
 def parse_length(value: bytes | None) -> int | None:

@@ -18,7 +18,7 @@ Decoding is stricter than Triton in one way: Triton silently truncates out-of-ra
 Triton answers it as it always does). Input-level parameters other than
 ``binary_data_size``, shared-memory tensors and fields the codec does not know raise
 :class:`DecodeError`: the front then forwards such a call untouched (the model server answers it)
-instead of modelling it. :func:`refuse_unsafe` is the one refusal of the sidecar's own.
+instead of modelling it. ``safety.check`` is the one refusal of the sidecar's own, on the raw body.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import numpy as np
 import numpy.typing as npt
 import orjson
 
-from ..errors import DecodeError, UnsafeInput
+from ..errors import DecodeError
 from .request import (
     DATATYPE_SIZES,
     InferenceRequest,
@@ -106,7 +106,6 @@ def decode_request(model: str, version: str, body: bytes, header_length: int | N
     Raises :class:`DecodeError` naming the offending field for any malformed input.
     """
     doc, section = _split_body(body, header_length)
-    refuse_unsafe(doc, len(body))
     unknown = doc.keys() - _REQUEST_KEYS
     if unknown:
         raise DecodeError(f"{sorted(unknown)[0]}: a field the sidecar does not model")
@@ -152,33 +151,6 @@ def decode_response(body: bytes, header_length: int | None) -> InferenceResponse
 _REQUEST_KEYS = frozenset({"id", "parameters", "inputs", "outputs", "model_name", "model_version"})
 # Input parameters that describe the wire only: dropped from the canonical tensor.
 _WIRE_INPUT_PARAMS = frozenset({"binary_data_size", "content_type"})
-# Triton reserves memory for the shape a JSON tensor declares before it counts the data: a tiny body
-# declaring 2^34 elements aborts it (std::length_error / bad_alloc). A declared size this large that
-# the body cannot possibly hold is refused here; smaller mismatches get the server's own answer.
-UNSAFE_DECLARED_BYTES = 16 * 1024 * 1024
-
-
-def refuse_unsafe(doc: dict[str, Any], body_length: int) -> None:
-    """UnsafeInput for a JSON-data input whose shape declares far more than the body holds.
-
-    Runs before any other check, and tolerates malformed entries: a call the codec cannot model still
-    goes to the model server, so the danger must be caught whatever else is wrong with it."""
-    inputs = doc.get("inputs")
-    for i, obj in enumerate(inputs if isinstance(inputs, list) else ()):
-        if not isinstance(obj, dict) or "data" not in obj:
-            continue
-        shape = obj.get("shape")
-        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-            continue
-        count = element_count(tuple(shape))
-        size = DATATYPE_SIZES.get(obj.get("datatype"), 8) or 8  # type: ignore[arg-type]
-        if count > body_length and count * size > UNSAFE_DECLARED_BYTES:
-            raise UnsafeInput(
-                f"inputs[{i}].shape: declares {count} elements, far more than the {body_length}-byte body "
-                "holds; refused because the model server would reserve memory for them"
-            )
-
-
 class _BinarySection:
     """The raw tensors after the JSON header, consumed in order."""
 

@@ -603,7 +603,8 @@ class _Conn(asyncio.Protocol):
             stream._fail(exc)
 
     def _out_of_step(self, what: str) -> None:
-        log.warning("upstream %s:%s: %s; connection closed", self.pool.host, self.pool.port, what)
+        # Debug, not warning: Triton itself sends a body after its 405 to HEAD, so any client can cause this.
+        log.debug("upstream %s:%s: %s; connection closed", self.pool.host, self.pool.port, what)
         self.drop()
 
     def _wake_drain(self) -> None:
@@ -851,20 +852,25 @@ class H1Pool:
         if not raw_target or _BAD_TARGET.search(raw_target) or not (raw_target[0] == 0x2F or raw_target == b"*"):
             raise ValueError("invalid request target")
         lines: list[bytes] = []
+        host = self.host_header
         for name, value in headers:
             raw_name = _NAMES.get(name)
             if raw_name is None:
                 raw_name = _name(name)
-            if raw_name is _SKIP:
-                continue  # the pool writes Host and the framing itself
             raw_value = value.encode("utf-8", "surrogateescape") if isinstance(value, str) else value
+            if raw_name is _SKIP:
+                if len(name) == 4 and name.lower() in (b"host", "host"):
+                    host = raw_value  # the client's Host goes on, as proxies keep it (checked with the rest below)
+                continue  # the pool writes the framing itself
             lines += (raw_name, b": ", raw_value, b"\r\n")
+        if host is not self.host_header and not _FIELD_VALUE.fullmatch(host):
+            raise ValueError("invalid byte in the Host header")
         fields = b"".join(lines)
         # Names are checked tokens; values may hold no CTL but HTAB. Every CR LF must be one of the
         # line ends written above, or a value could start a header (or a request) of its own.
         if fields and (not _FIELD_LINES.fullmatch(fields) or fields.count(b"\r\n") != len(lines) >> 2):
             raise ValueError("invalid byte in a header value")
-        return b"".join((raw_method, b" ", raw_target, b" HTTP/1.1\r\nHost: ", self.host_header, b"\r\n", fields,
+        return b"".join((raw_method, b" ", raw_target, b" HTTP/1.1\r\nHost: ", host, b"\r\n", fields,
                          framing, b"\r\n"))
 
 
@@ -874,6 +880,7 @@ _NAMES: dict[bytes | str, bytes] = {}
 _NAMES_MAX: Final = 1024
 _SKIP: Final = b""
 _FIELD_LINES: Final = re.compile(rb"(?:[^\x00-\x08\x0a-\x1f\x7f]*\r\n)*")
+_FIELD_VALUE: Final = re.compile(rb"[^\x00-\x08\x0a-\x1f\x7f]*")
 
 
 def _method(method: str) -> bytes:

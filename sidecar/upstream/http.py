@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 
 from ..config import UpstreamConfig
-from ..errors import UpstreamTimeout, UpstreamUnavailable
+from ..errors import BadRequest, UpstreamTimeout, UpstreamUnavailable
 from ..headers import Header, end_to_end
 from ..metrics import Metrics
 from ..pipeline.stage import Call, HttpAnswer, HttpWire, Reply
@@ -59,6 +59,8 @@ class HttpUpstream:
         except BodyTooLarge:
             self.metrics.upstream_errors.labels("too_large").inc()
             raise UpstreamUnavailable(f"model server answer exceeds {self.max_answer_bytes} bytes") from None
+        except ValueError as e:  # the pool's last line of defence: nothing that could split a request
+            raise BadRequest(f"request cannot be forwarded: {e}") from None
         self.metrics.observe_upstream(call.route, call.request.model, time.perf_counter() - started)
         if r.status == 200:
             self.metrics.learn_model(call.request.model)
@@ -83,6 +85,8 @@ class HttpUpstream:
         except ConnectionFailed as e:
             self.metrics.upstream_errors.labels("unavailable").inc()
             raise UpstreamUnavailable(f"model server unavailable: {e}") from None
+        except ValueError as e:
+            raise BadRequest(f"request cannot be forwarded: {e}") from None
 
     async def fetch(self, target: bytes | str, timeout: float | None = None, method: str = "GET") -> HttpAnswer:
         """A small bodiless call on the probes' pool, whole answer back; raises when nothing answers."""

@@ -47,7 +47,7 @@ class RecordedCall:
             raise ValueError(f"recorded path {self.path!r} is not an inference path")
         length = self.header("inference-header-content-length")
         encoding = self.header("content-encoding")
-        return dispatch.decode_wire(route, self.body, None if length is None else length.encode("latin-1"),
+        return dispatch.decode_wire(route, self.body, [] if length is None else [length.encode("latin-1")],
                                     None if encoding is None else encoding.encode("latin-1"), max_decoded_bytes)
 
 
