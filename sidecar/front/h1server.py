@@ -571,7 +571,8 @@ class H1Connection(asyncio.Protocol):
         if not request.content_length and not request.chunked:
             return
         request.body.reopen()
-        framing = b"Transfer-Encoding: chunked" if request.chunked else b"Content-Length: %d" % request.content_length
+        framing = b"Transfer-Encoding: chunked" if request.chunked else b"Content-Length: %d" % (
+            request.content_length or 0)
         self._raw = _BodyParser(request.body, framing)
         self._raw_body(rest)
 
