@@ -2,13 +2,14 @@
 # Compiles proto/ into sidecar/protogen/ (committed): *_pb2.py, typed *_pb2.pyi stubs, and
 # *_pb2_grpc.py for files that define services.
 #
-#   scripts/gen-protos.sh            # with .venv/bin/python (needs `pip install grpcio-tools`; see the pin note below)
+#   scripts/gen-protos.sh            # with .venv/bin/python (needs `pip install grpcio-tools==1.75.1`: the pin note below)
 #   PYTHON=python3 scripts/gen-protos.sh
 #
 # The proto root is proto/, so descriptors keep upstream's file names
 # ("tensorflow/core/framework/tensor.proto"); the generated imports are then rewritten from
 # `tensorflow...` to `sidecar.protogen.tensorflow...` so that nothing named `tensorflow` is ever
-# imported at top level. The grpcio-tools version fixes the protobuf runtime the code needs
+# imported at top level (and `grpc.health...` to `sidecar.protogen.grpc.health...`, so the grpc package
+# itself is never shadowed). The grpcio-tools version fixes the protobuf runtime the code needs
 # (its header's "Protobuf Python Version"): pin it, and keep pyproject's protobuf floor in step.
 set -euo pipefail
 
@@ -34,7 +35,7 @@ done
 
 # Absolute imports of the generated packages, rewritten under sidecar.protogen.
 find "$tmp" -name '*.py' -o -name '*.pyi' | while read -r f; do
-  sed -i -E "s/^(from|import) (tensorflow|tensorflow_serving)([. ])/\1 ${package}.\2\3/" "$f"
+  sed -i -E "s/^(from|import) (tensorflow|tensorflow_serving|grpc\.health)([. ])/\1 ${package}.\2\3/" "$f"
 done
 
 # Lint and type-check exemptions travel with the files, whatever the project's config says.

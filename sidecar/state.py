@@ -49,6 +49,7 @@ class StateMachine:
         self.progress = 0.0
         self._changed = asyncio.Event()
         self._on_change = on_change
+        self._listeners: list[Callable[[State], None]] = []
 
     def __repr__(self) -> str:
         return f"<StateMachine {self.state} since={self.since:.0f} reason={self.reason!r}>"
@@ -71,7 +72,13 @@ class StateMachine:
         self._changed = asyncio.Event()
         if self._on_change:
             self._on_change(new)
+        for listener in self._listeners:
+            listener(new)
         return True
+
+    def subscribe(self, listener: Callable[[State], None]) -> None:
+        """``listener(new_state)`` after every change (gRPC health watchers wake on it)."""
+        self._listeners.append(listener)
 
     @property
     def live(self) -> bool:

@@ -45,7 +45,7 @@ class SidecarProcess(ServerProcess):
         env: dict[str, str] | None = None,
         wait: str = "ready",
     ) -> None:
-        port, self.admin_port = free_ports(2)
+        port, self.admin_port, self.grpc_port = free_ports(3)
         super().__init__(workdir, port)
         self.upstream = upstream
         self.protocol = protocol
@@ -56,6 +56,8 @@ class SidecarProcess(ServerProcess):
         self.command_prefix: list[str] = []
         self.url = f"http://{HOST}:{port}"
         self.admin_url = f"http://{HOST}:{self.admin_port}"
+        # The gRPC data port: a free one, never the default 9001, as tests run sidecars side by side.
+        self.grpc_url = f"{HOST}:{self.grpc_port}"
 
     def command(self) -> list[str]:
         return [
@@ -75,6 +77,8 @@ class SidecarProcess(ServerProcess):
             f"{HOST}:{self.admin_port}",
             # Each sidecar its own traffic memory unless told otherwise: runs must not replay each other's calls.
             *([] if "--store" in self.extra_args else ["--store", str(self.workdir / f"traffic-{self.port}.db")]),
+            *([] if any(a.startswith("grpc_listen=") for a in self.extra_args) else
+              ["--set", f"grpc_listen={self.grpc_url}"]),
             *self.extra_args,
         ]
 

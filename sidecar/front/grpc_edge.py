@@ -1,0 +1,258 @@
+"""What every gRPC method of the data port shares: the edge between a caller and the stages.
+
+- ``Rpc``: one call's request id, forwarded metadata (hop-specific keys removed), deadline.
+- handlers: raw-bytes method handlers (no protobuf round trip) that count calls and map the sidecar's
+  own errors (``SidecarError``) to a gRPC status ONCE, here, with a message naming the problem;
+- ``infer``: an inference call through the stage pipeline, answered with the upstream's own bytes when
+  they answer this caller, else the canonical response encoded for it;
+- relays: any other method passed through to the model server, unary or streaming.
+
+Answers carry ``x-request-id``, ``x-sidecar-state`` and (from the cache) ``x-sidecar-cache`` as initial
+metadata, after whatever initial metadata the model server sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeAlias
+
+import grpc
+import grpc.aio
+
+from ..config import Config
+from ..errors import DecodeError, SidecarError, UpstreamUnavailable
+from ..mesh.load import LoadTracker
+from ..metrics import Metrics
+from ..pipeline.stage import Call, GrpcAnswer, GrpcWire, Next, Reply
+from ..protocols.request import InferenceRequest, InferenceResponse
+from ..state import StateMachine
+from ..upstream.grpc import HTTP_STATUS, GrpcUpstream, Metadata
+
+log = logging.getLogger("sidecar.grpc")
+
+Context: TypeAlias = Any  # grpc.aio.ServicerContext: grpc ships no type hints
+Encoder = Callable[[InferenceRequest, InferenceResponse], bytes]
+# Transport-level keys: they describe this hop, never the call (gRPC's own, HTTP/2 pseudo-headers).
+_HOP_KEYS = frozenset({"te", "content-type", "user-agent", "host", "x-request-id", "accept-encoding"})
+REQUEST_ID = "x-request-id"
+STATE_KEY = "x-sidecar-state"
+CACHE_KEY = "x-sidecar-cache"
+
+
+def hop_specific(key: str) -> bool:
+    return key.startswith((":", "grpc-", "x-sidecar-")) or key in _HOP_KEYS
+
+
+class Rpc:
+    """One gRPC call at the edge."""
+
+    __slots__ = ("cache", "caller_timeout", "deadline", "label", "metadata", "model", "private", "request_id",
+                 "scope", "sent", "started", "status", "timeout")
+
+    def __init__(self, context: Context, label: str, default_timeout: float, scope_key: str,
+                 new_id: Callable[[], str]) -> None:
+        self.label = label
+        self.started = time.perf_counter()
+        self.model = ""
+        self.status = 0
+        self.cache = ""
+        self.sent = False
+        forwarded: list[tuple[str, str | bytes]] = []
+        request_id = ""
+        self.private = False
+        self.scope = b""
+        for key, value in context.invocation_metadata() or ():
+            if key == REQUEST_ID:
+                request_id = value if isinstance(value, str) else value.decode("latin-1")
+            elif not hop_specific(key):
+                forwarded.append((key, value))
+                if key in ("authorization", "cookie"):
+                    self.private = True
+                if key == scope_key:
+                    self.scope = value.encode() if isinstance(value, str) else value
+        self.request_id = request_id or new_id()
+        forwarded.append((REQUEST_ID, self.request_id))
+        self.metadata: Metadata = tuple(forwarded)
+        remaining = context.time_remaining()
+        # The caller's deadline becomes the upstream's; without one, upstream.timeout bounds the call.
+        self.caller_timeout: float | None = None if remaining is None else max(0.0, remaining)
+        self.timeout = default_timeout if self.caller_timeout is None else self.caller_timeout
+        self.deadline = asyncio.get_running_loop().time() + self.timeout
+
+
+class Edge:
+    def __init__(self, cfg: Config, pipeline: Next, upstream: GrpcUpstream, machine: StateMachine,
+                 metrics: Metrics, load: LoadTracker, on_upstream_down: Callable[[], None] | None = None) -> None:
+        self.cfg = cfg
+        self.pipeline = pipeline
+        self.upstream = upstream
+        self.machine = machine
+        self.metrics = metrics
+        self.load = load
+        self.on_upstream_down = on_upstream_down
+        self.scope_key = cfg.cache.scope_header.lower()
+        self.in_flight = 0
+        self._id_prefix = os.urandom(8).hex()
+        self._ids = itertools.count()
+
+    def __repr__(self) -> str:
+        return f"<grpc Edge in_flight={self.in_flight}>"
+
+    def rpc(self, context: Context, label: str) -> Rpc:
+        return Rpc(context, label, self.cfg.upstream.timeout, self.scope_key, self._new_id)
+
+    def _new_id(self) -> str:
+        return f"{self._id_prefix}{next(self._ids):016x}"
+
+    # -- method handlers ---------------------------------------------------------------------------------
+
+    def unary(self, label: str, handle: Callable[[Any, Context, Rpc], Awaitable[bytes]],
+              client_streaming: bool = False) -> grpc.RpcMethodHandler:
+        """A handler with one response (``client_streaming``: the request is the caller's message iterator)."""
+        async def run(message: Any, context: Context) -> bytes:
+            rpc = self.rpc(context, label)
+            self.in_flight += 1
+            try:
+                return await handle(message, context, rpc)
+            except SidecarError as err:
+                await self.fail(context, rpc, err)
+                raise AssertionError("unreachable: abort raises") from None
+            finally:
+                self.in_flight -= 1
+                self.metrics.observe_request(label, rpc.model, rpc.status or 499, time.perf_counter() - rpc.started)
+
+        if client_streaming:
+            return grpc.stream_unary_rpc_method_handler(run)
+        return grpc.unary_unary_rpc_method_handler(run)
+
+    def streaming(self, label: str, client_streaming: bool,
+                  handle: Callable[[Any, Context, Rpc], AsyncIterator[bytes]]) -> grpc.RpcMethodHandler:
+        """A server-streaming (or bidirectional, with ``client_streaming``) handler."""
+        async def run(request: Any, context: Context) -> AsyncIterator[bytes]:
+            rpc = self.rpc(context, label)
+            self.in_flight += 1
+            try:
+                async for response in handle(request, context, rpc):
+                    yield response
+                rpc.status = rpc.status or 200
+            except SidecarError as err:
+                await self.fail(context, rpc, err)
+            finally:
+                self.in_flight -= 1
+                self.metrics.observe_request(label, rpc.model, rpc.status or 499, time.perf_counter() - rpc.started)
+
+        if client_streaming:
+            return grpc.stream_stream_rpc_method_handler(run)
+        return grpc.unary_stream_rpc_method_handler(run)
+
+    async def fail(self, context: Context, rpc: Rpc, err: SidecarError) -> None:
+        """The sidecar's own error as a gRPC status: its code, its message, Retry-After when it has one."""
+        rpc.status = err.http_status
+        if isinstance(err, UpstreamUnavailable) and self.on_upstream_down is not None:
+            self.on_upstream_down()
+        trailing: list[tuple[str, str | bytes]] = []
+        retry_after = getattr(err, "retry_after", None)
+        if retry_after is not None:
+            trailing.append(("retry-after", str(max(1, round(retry_after)))))
+        await self.send_metadata(context, rpc)
+        await context.abort(grpc.StatusCode[err.grpc_code], err.message, tuple(trailing))
+
+    async def send_metadata(self, context: Context, rpc: Rpc, upstream: Metadata = ()) -> None:
+        if rpc.sent:
+            return
+        rpc.sent = True
+        metadata = [(k, v) for k, v in upstream if not hop_specific(k)]
+        metadata.append((REQUEST_ID, rpc.request_id))
+        metadata.append((STATE_KEY, self.machine.state.value))
+        if rpc.cache:
+            metadata.append((CACHE_KEY, rpc.cache))
+        await context.send_initial_metadata(tuple(metadata))
+
+    async def answer(self, context: Context, rpc: Rpc, answer: GrpcAnswer) -> bytes:
+        """Send a model server's answer (or one encoded for this caller): its metadata, status and message."""
+        rpc.status = HTTP_STATUS.get(answer.code, 500)
+        await self.send_metadata(context, rpc, answer.initial_metadata)
+        trailing = tuple((k, v) for k, v in answer.trailing_metadata if not hop_specific(k))
+        if answer.code != "OK":
+            await context.abort(grpc.StatusCode[answer.code], answer.details, trailing)
+        if trailing:
+            context.set_trailing_metadata(trailing)
+        return answer.message
+
+    # -- inference through the stages --------------------------------------------------------------------
+
+    def call(self, rpc: Rpc, request: InferenceRequest, modelled: bool, method: str, message: bytes) -> Call:
+        call = Call(request, rpc.request_id, rpc.deadline, GrpcWire(method, message, rpc.metadata), modelled,
+                    rpc.label, "grpc")
+        call.private, call.scope = rpc.private, rpc.scope
+        return call
+
+    async def infer(self, call: Call, encode: Encoder) -> tuple[GrpcAnswer, str]:
+        """Run ``call`` through the stages: (the answer for this caller, the cache's verdict)."""
+        model = call.request.model
+        self.load.begin(model)
+        try:
+            reply = await self.pipeline(call)
+            return await self.resolve(call, reply, encode), reply.cache
+        finally:
+            self.load.end(model)
+
+    async def resolve(self, call: Call, reply: Reply, encode: Encoder) -> GrpcAnswer:
+        raw = reply.raw_for(call)
+        if raw is None and not reply.ok:
+            raw = reply.wire  # an error answer shared with this caller (same call)
+        if isinstance(raw, GrpcAnswer):
+            return raw
+        if reply.ok:
+            try:
+                return GrpcAnswer("OK", "", encode(call.request, reply.response()))
+            except (ValueError, DecodeError):
+                pass
+        # An answer that cannot take this caller's form (or an error in another protocol's shape): the
+        # model server answers this caller itself.
+        again = await self.upstream.send(call)
+        answer = again.raw_for(call)
+        assert isinstance(answer, GrpcAnswer)
+        return answer
+
+    # -- pass-through --------------------------------------------------------------------------------------
+
+    async def relay(self, method: str, message: bytes, context: Context, rpc: Rpc) -> bytes:
+        """A unary call passed through to the model server, bytes for bytes."""
+        return await self.answer(context, rpc, await self.fetch(method, message, rpc))
+
+    async def fetch(self, method: str, message: bytes, rpc: Rpc) -> GrpcAnswer:
+        call = self.upstream.unary(method)(message, timeout=rpc.timeout, metadata=rpc.metadata)
+        try:
+            response = await call
+            initial, trailing = await call.initial_metadata(), await call.trailing_metadata()
+        except grpc.aio.AioRpcError as e:
+            return self.upstream.error_answer(e, rpc.deadline)
+        return GrpcAnswer("OK", "", response, tuple(initial or ()), tuple(trailing or ()))
+
+    async def relay_stream(self, method: str, kind: str, request: Any, context: Context,
+                           rpc: Rpc) -> AsyncIterator[bytes]:
+        """A streaming call passed through: ``request`` is the caller's message (server streaming) or its
+        message iterator (client or bidirectional streaming); responses go back as they arrive."""
+        # A stream may rightly outlive upstream.timeout: only the caller's own deadline bounds it.
+        call = self.upstream.streaming(method, kind)(request, metadata=rpc.metadata, timeout=rpc.caller_timeout)
+        try:
+            await self.send_metadata(context, rpc, tuple(await call.initial_metadata() or ()))
+            if kind == "stream_unary":
+                yield await call
+            else:
+                async for response in call:
+                    yield response
+            trailing = tuple((k, v) for k, v in await call.trailing_metadata() or () if not hop_specific(k))
+            if trailing:
+                context.set_trailing_metadata(trailing)
+        except grpc.aio.AioRpcError as e:
+            answer = self.upstream.error_answer(e, rpc.deadline)
+            await self.answer(context, rpc, answer)
+        finally:
+            call.cancel()  # no-op once finished; a caller who left takes the upstream stream with it

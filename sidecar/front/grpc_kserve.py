@@ -1,0 +1,142 @@
+"""KServe v2 ``inference.GRPCInferenceService`` on the gRPC data port.
+
+``ModelInfer`` runs through the same stage pipeline as HTTP inference; ``ModelStreamInfer`` too, request
+by request (``grpc_stream.py``); ``ServerReady`` and ``ModelReady`` answer from the state machine while
+the pod is not warm (ready=false, as the HTTP readiness paths answer 400). Every other method passes
+through as raw bytes, its kind (unary or streaming) read from Triton's service descriptor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError as ProtobufDecodeError
+from tritonclient.grpc import service_pb2
+
+from ..errors import DecodeError
+from ..metrics import Metrics
+from ..protocols import kserve_grpc
+from ..protocols.request import InferenceRequest, Protocol
+from ..upstream.models import ModelCatalog
+from .grpc_edge import Context, Edge, Rpc
+from .grpc_stream import StreamSession
+
+SERVICE = kserve_grpc.SERVICE
+_NOT_READY = b""  # ServerReadyResponse / ModelReadyResponse with ready=false: proto3 writes no field
+_LABELS = {"ServerLive": "health", "ServerReady": "health", "ModelReady": "health", "ServerMetadata": "metadata",
+           "ModelMetadata": "metadata", "ModelConfig": "metadata", "ModelStatistics": "stats",
+           "RepositoryIndex": "repository", "RepositoryModelLoad": "repository",
+           "RepositoryModelUnload": "repository", "ModelInfer": "infer", "ModelStreamInfer": "infer"}
+
+OnReload = Callable[[str], Coroutine[Any, Any, object]]
+
+
+def method_label(name: str) -> str:
+    return _LABELS.get(name, "other")
+
+
+class KServeService:
+    def __init__(self, edge: Edge, catalog: ModelCatalog, metrics: Metrics, on_model_reload: OnReload | None) -> None:
+        self.edge = edge
+        self.catalog = catalog
+        self.metrics = metrics
+        self.on_model_reload = on_model_reload
+        self._background: set[asyncio.Task[object]] = set()
+
+    def handlers(self) -> dict[str, grpc.RpcMethodHandler]:
+        special = {"ModelInfer": self.model_infer, "ServerReady": self.server_ready, "ModelReady": self.model_ready,
+                   "RepositoryModelLoad": self._repository("RepositoryModelLoad"),
+                   "RepositoryModelUnload": self._repository("RepositoryModelUnload")}
+        out: dict[str, grpc.RpcMethodHandler] = {}
+        for m in service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods:
+            label = method_label(m.name)
+            if m.name == "ModelStreamInfer":
+                out[m.name] = self.edge.streaming(label, True, self.stream_infer)
+            elif m.name in special:
+                out[m.name] = self.edge.unary(label, special[m.name])
+            else:
+                out[m.name] = relay_handler(self.edge, f"/{SERVICE}/{m.name}", label, m.client_streaming,
+                                            m.server_streaming)
+        return out
+
+    # -- inference -------------------------------------------------------------------------------------
+
+    def decode(self, message: bytes) -> tuple[InferenceRequest, bool]:
+        try:
+            return kserve_grpc.decode_request(message), True
+        except DecodeError:
+            # Valid or not, the model server answers it as it always does; the sidecar stays out of the way.
+            self.metrics.unmodelled.labels(Protocol.KSERVE_GRPC.value).inc()
+            return InferenceRequest(Protocol.KSERVE_GRPC, kserve_grpc.model_of(message)), False
+
+    async def model_infer(self, message: bytes, context: Context, rpc: Rpc) -> bytes:
+        request, modelled = self.decode(message)
+        rpc.model = request.model
+        call = self.edge.call(rpc, request, modelled, kserve_grpc.MODEL_INFER, message)
+        answer, rpc.cache = await self.edge.infer(call, kserve_grpc.encode_response)
+        return await self.edge.answer(context, rpc, answer)
+
+    def stream_infer(self, requests: AsyncIterator[bytes], context: Context, rpc: Rpc) -> AsyncIterator[bytes]:
+        return StreamSession(self, context, rpc).run(requests)
+
+    # -- readiness from the state machine -----------------------------------------------------------------
+
+    async def server_ready(self, message: bytes, context: Context, rpc: Rpc) -> bytes:
+        if not self.edge.machine.ready:
+            rpc.status = 200
+            await self.edge.send_metadata(context, rpc)
+            return _NOT_READY
+        return await self.edge.relay(f"/{SERVICE}/ServerReady", message, context, rpc)
+
+    async def model_ready(self, message: bytes, context: Context, rpc: Rpc) -> bytes:
+        if not self.edge.machine.ready:
+            rpc.status = 200
+            await self.edge.send_metadata(context, rpc)
+            return _NOT_READY
+        return await self.edge.relay(f"/{SERVICE}/ModelReady", message, context, rpc)
+
+    # -- the repository API: a model loaded or unloaded here loses its cached answers ------------------------
+
+    def _repository(self, name: str) -> Callable[[bytes, Context, Rpc], Coroutine[Any, Any, bytes]]:
+        async def run(message: bytes, context: Context, rpc: Rpc) -> bytes:
+            answer = await self.edge.fetch(f"/{SERVICE}/{name}", message, rpc)
+            if answer.code == "OK" and self.on_model_reload is not None:
+                task = asyncio.get_running_loop().create_task(self.on_model_reload(_model_name(name, message)))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+            return await self.edge.answer(context, rpc, answer)
+
+        return run
+
+
+def relay_handler(edge: Edge, method: str, label: str, client_streaming: bool,
+                  server_streaming: bool) -> grpc.RpcMethodHandler:
+    """A pass-through handler of the method's own kind (read from the service descriptor)."""
+    if not server_streaming:
+        kind = "stream_unary" if client_streaming else ""
+
+        async def one(request: Any, context: Context, rpc: Rpc) -> bytes:
+            if not kind:
+                return await edge.relay(method, request, context, rpc)
+            async for response in edge.relay_stream(method, kind, request, context, rpc):
+                return response
+            raise AssertionError("a client-streaming call ends with one response")
+
+        return edge.unary(label, one, client_streaming)
+    kind = "stream_stream" if client_streaming else "unary_stream"
+
+    def many(request: Any, context: Context, rpc: Rpc) -> AsyncIterator[bytes]:
+        return edge.relay_stream(method, kind, request, context, rpc)
+
+    return edge.streaming(label, client_streaming, many)
+
+
+def _model_name(method: str, message: bytes) -> str:
+    cls = getattr(service_pb2, f"{method}Request")
+    try:
+        return str(cls.FromString(message).model_name)
+    except ProtobufDecodeError:
+        return ""

@@ -1,0 +1,162 @@
+"""``ModelStreamInfer``: one bidirectional stream, each request answered as it completes.
+
+A request for a model that is not decoupled runs through the stage pipeline like a unary ModelInfer
+(so it is cached, batched and recorded like any other call); its answer or error goes back as a
+``ModelStreamInferResponse`` (``infer_response``, or ``error_message`` as Triton writes errors).
+Requests for decoupled models (0..n responses each, as the model decides) and for models whose
+configuration is unknown go, untouched and in order, to one upstream stream opened on first need, and
+every response it produces comes back as it arrives. The caller leaving cancels everything it started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+import grpc.aio
+
+from ..errors import SidecarError
+from ..logs import where
+from ..pipeline.stage import GrpcAnswer
+from ..protocols import kserve_grpc
+from ..protocols.request import Protocol
+from .grpc_edge import Context, Rpc
+
+if TYPE_CHECKING:
+    from .grpc_kserve import KServeService
+
+log = logging.getLogger("sidecar.grpc")
+STREAM_INFER = f"/{kserve_grpc.SERVICE}/ModelStreamInfer"
+# A response, the upstream stream's failure (its status, or the sidecar's error), the reader's own failure,
+# or the end. Every way the reading side can stop puts one of the last three, so the writer never waits on.
+_Item = bytes | GrpcAnswer | Exception | None
+
+
+class StreamSession:
+    def __init__(self, service: KServeService, context: Context, rpc: Rpc) -> None:
+        self.service = service
+        self.edge = service.edge
+        self.context = context
+        self.rpc = rpc
+        self.out: asyncio.Queue[_Item] = asyncio.Queue()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.upstream: Any = None
+        self.to_upstream: asyncio.Queue[bytes | None] | None = None
+        self.upstream_reader: asyncio.Task[None] | None = None
+
+    def __repr__(self) -> str:
+        return f"<StreamSession {self.rpc.request_id} pending={len(self.tasks)} upstream={self.upstream is not None}>"
+
+    async def run(self, requests: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        await self.edge.send_metadata(self.context, self.rpc)
+        reader = asyncio.get_running_loop().create_task(self._read(requests))
+        try:
+            while (item := await self.out.get()) is not None:
+                if isinstance(item, Exception):
+                    raise item
+                if isinstance(item, GrpcAnswer):  # the upstream stream failed: this one fails the same way
+                    await self.edge.answer(self.context, self.rpc, item)
+                    return
+                yield item
+            await reader
+            self.rpc.status = 200
+        finally:
+            reader.cancel()
+            for task in list(self.tasks):
+                task.cancel()
+            if self.upstream is not None:
+                self.upstream.cancel()
+
+    async def _read(self, requests: AsyncIterator[bytes]) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+            async for message in requests:
+                task = loop.create_task(self._one(message))
+                self.tasks.add(task)
+                task.add_done_callback(self.tasks.discard)
+            if self.tasks:
+                await asyncio.wait(set(self.tasks))
+            if self.to_upstream is not None and self.upstream_reader is not None:
+                self.to_upstream.put_nowait(None)  # the caller is done writing: so is the upstream stream
+                await self.upstream_reader
+        except Exception as e:
+            self.out.put_nowait(e)
+            return
+        self.out.put_nowait(None)
+
+    async def _one(self, message: bytes) -> None:
+        model, request_id = kserve_grpc.peek(message)
+        try:
+            info = await self.service.catalog.info(model, Protocol.KSERVE_GRPC)
+            if info.decoupled or info.max_batch is None:
+                self._send_upstream(message)
+                return
+            request, modelled = self.service.decode(message)
+            rpc = self.rpc
+            call = self.edge.call(rpc, request, modelled, kserve_grpc.MODEL_INFER, message)
+            if rpc.caller_timeout is None:  # each request of a long stream gets upstream.timeout of its own
+                call.deadline = asyncio.get_running_loop().time() + self.edge.cfg.upstream.timeout
+            answer, _cache = await self.edge.infer(call, kserve_grpc.encode_response)
+        except SidecarError as e:
+            self.out.put_nowait(stream_error(e.message, request_id))
+            return
+        except Exception as e:  # a bug must cost one request its answer, never hang the stream
+            log.error("stream request failed (%s)\n%s", type(e).__name__, where(e))
+            self.out.put_nowait(stream_error(f"sidecar internal error ({type(e).__name__})", request_id))
+            return
+        self.out.put_nowait(stream_response(answer.message) if answer.code == "OK" else
+                            stream_error(answer.details, request_id))
+
+    def _send_upstream(self, message: bytes) -> None:
+        if self.to_upstream is None:
+            self.to_upstream = asyncio.Queue()
+            self.upstream = self.edge.upstream.streaming(STREAM_INFER, "stream_stream")(
+                self._outgoing(self.to_upstream), metadata=self.rpc.metadata, timeout=self.rpc.caller_timeout)
+            self.upstream_reader = asyncio.get_running_loop().create_task(self._incoming(self.upstream))
+        self.to_upstream.put_nowait(message)
+
+    @staticmethod
+    async def _outgoing(queue: asyncio.Queue[bytes | None]) -> AsyncIterator[bytes]:
+        while (message := await queue.get()) is not None:
+            yield message
+
+    async def _incoming(self, call: Any) -> None:
+        try:
+            async for response in call:
+                self.out.put_nowait(response)
+        except grpc.aio.AioRpcError as e:
+            try:
+                self.out.put_nowait(self.edge.upstream.error_answer(e, self.rpc.deadline if self.rpc.caller_timeout
+                                                                    is not None else None))
+            except SidecarError as err:
+                self.out.put_nowait(err)
+
+
+# parameters["triton_final_response"] = {bool_param: true}: Triton marks every response of a non-decoupled
+# model on a stream so. A map entry may follow the message's other fields on the wire.
+_FINAL = b"\x22\x1b\x0a\x15triton_final_response\x12\x02\x08\x01"
+
+
+def stream_response(infer_response: bytes) -> bytes:
+    """ModelStreamInferResponse{infer_response: <the ModelInferResponse>, marked final}, without a round trip."""
+    return _field(2, infer_response + _FINAL)
+
+
+def stream_error(message: str, request_id: str) -> bytes:
+    """ModelStreamInferResponse{error_message, infer_response{id}}: how Triton reports a failed request."""
+    return _field(1, message.encode()) + _field(2, _field(3, request_id.encode()) if request_id else b"")
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
