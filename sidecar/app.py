@@ -21,9 +21,12 @@ from .errors import ConfigError
 from .front.admin import AdminActions, AdminFront
 from .front.budget import MemoryBudget
 from .front.decoding import RequestDecoder
+from .front.grpc import GrpcFront
 from .front.h1server import H1Server
 from .front.http import HttpFront
 from .health import UpstreamMonitor
+from .loading.book import BookCollector, ModelBook
+from .loading.ondemand import OnDemandLoader
 from .mesh.agent import AgentServer
 from .mesh.orca import warm_capacity
 from .metrics import Metrics
@@ -35,8 +38,10 @@ from .pipeline.recorder import Recorder
 from .pipeline.stage import Stage, chain
 from .state import State, StateMachine
 from .supervise import Supervisor
+from .upstream.grpc import GrpcUpstream
 from .upstream.http import HttpUpstream
 from .upstream.models import ModelCatalog
+from .upstream.router import UpstreamRouter
 from .warmup.store import REDIS_SCHEMES, StoreLimits, open_store
 from .warmup.warmer import Warmer
 
@@ -59,6 +64,7 @@ class Sidecar:
         self.cfg = cfg
         self.metrics = Metrics()
         self.machine = StateMachine()
+        self.book = ModelBook()  # each model's own load and warm state, beside the pod's
         self.metrics.watch_state([s.value for s in State], lambda: self.machine.state.value,
                                  lambda: self.machine.progress)
         self.supervisor = Supervisor(self.metrics)
@@ -74,35 +80,50 @@ class Sidecar:
         self.cache = CacheStage(cfg.cache, MemoryTier(cfg.cache.max_bytes), self.shared_cache, Generations(),
                                 self.metrics)
         self.metrics.registry.register(CacheCollector(self.cache))
+        self.metrics.registry.register(BookCollector(self.book))
         # The data path, in order. The upstream client is the terminal.
-        self.stages: list[Stage] = [Gate(cfg.gate, self.machine, self.metrics)]
+        self.stages: list[Stage] = [Gate(cfg.gate, self.machine, self.metrics, self.book)]
         if cfg.record.enabled:
             self.stages.append(self.recorder)
         if cfg.cache.models:
             self.stages.append(self.cache)
         if cfg.batch.models:
             self.stages.append(self.batcher)
-        self.pipeline = chain(self.stages, self.upstream.send)
+        # The terminal routes: gRPC callers' own requests over gRPC, everything else over HTTP.
+        self.grpc_upstream = GrpcUpstream(cfg.upstream, self.metrics, cfg.limits.max_body_bytes,
+                                          cfg.limits.max_answer_bytes, lambda: self.monitor.protocol)
+        self.router = UpstreamRouter(self.upstream, self.grpc_upstream)
+        self.pipeline = chain(self.stages, self.router.send)
         # Warm-up replay enters at the cache, so its answers fill it (and never comes from it); its
         # latencies per batch size teach the batcher's latency model.
         self.warmer = Warmer(cfg, self.store, self.upstream, self.machine, self.metrics,
                              send=chain([self.cache], self.upstream.send) if cfg.cache.models else None,
-                             catalog=self.catalog, latency=self.latency)
+                             catalog=self.catalog, latency=self.latency, book=self.book)
         self.monitor = UpstreamMonitor(self.upstream, cfg.upstream, self.machine, self.metrics, self.warmer,
                                        cfg.warmup.retry_interval)
         self.monitor.subscribe(self._models_loaded, self._server_restarted)
+        self.warmer.loaded = lambda: self.monitor.loaded
+        self.warmer.repository.grpc = self.grpc_upstream
+        self.monitor.own_loading = lambda: self.warmer.loading > 0
+        self.monitor.own_models = lambda: {n for n, e in self.book.models.items() if e.loaded_by_sidecar}
+        self.loader = OnDemandLoader(cfg.models, self.warmer, self.book, self.monitor)
         self.decoder = RequestDecoder(cfg.limits.inline_decode_bytes, cfg.limits.decode_workers,
                                       cfg.limits.max_body_bytes)
         self.http = HttpFront(cfg, self.upstream, self.pipeline, self.metrics, self.machine, self.decoder,
                               MemoryBudget(cfg.limits.max_inflight_bytes), on_upstream_down=self.monitor.poke,
                               on_model_reload=self.flush_cache)
+        self.http.book = self.book
         self.data_port: H1Server = self.http.server(connection_limit(cfg))
-        self.metrics.in_flight.set_function(lambda: self.http.in_flight)
+        # The gRPC data port: the same pipeline, state machine and per-model load as the HTTP one.
+        self.grpc = GrpcFront(cfg, self.pipeline, self.grpc_upstream, self.machine, self.metrics, self.catalog,
+                              self.monitor, self.http.mesh.load, on_upstream_down=self.monitor.poke,
+                              on_model_reload=self.flush_cache) if cfg.grpc_listen else None
+        self.metrics.in_flight.set_function(lambda: self.http.in_flight + (self.grpc.in_flight if self.grpc else 0))
         load = self.http.mesh.load
         self.metrics.watch_load(lambda: load.in_flight, load.rates,
                                 lambda: warm_capacity(self.machine.state, self.machine.progress))
         actions = AdminActions(self.flush_cache, self.monitor.rewarm, lambda: admin_token(cfg), self.cache.report,
-                               self.batcher.report)
+                               self.batcher.report, self.book.report)
         self.admin = AdminFront(self.machine, self.metrics, self.monitor, self.warmer, self.supervisor,
                                 degraded_while_warming=cfg.mesh.degraded_while_warming, actions=actions)
         # HAProxy's agent-check port: the pod's weight and state in HAProxy's words (off by default).
@@ -125,6 +146,7 @@ class Sidecar:
         self.cache.flush()
         self.catalog.forget()
         self.batcher.forget()
+        self.book.forget_all()
 
     async def flush_cache(self, model: str | None) -> int:
         """Admin action: forget cached answers (of one model), here and, through the epoch, fleet-wide."""
@@ -156,12 +178,15 @@ class Sidecar:
             await self.data_port.listen(host, port)
         except OSError as e:
             raise ConfigError(f"listen {self.cfg.listen}: cannot listen ({e.strerror or e})") from None
+        if self.grpc is not None:
+            await self.grpc.start()
         if self.agent is not None:
             await self.agent.start()
         self.decoder.start()
         self.supervisor.spawn("upstream-monitor", self.monitor.run)
         if self.cfg.record.enabled:
             self.supervisor.spawn("recorder", self.recorder.run)
+        self.supervisor.spawn("model-loader", self.loader.run)
         if self.shared_cache is not None:
             self.supervisor.spawn("cache-writer", self.shared_cache.run_writer)
             self.supervisor.spawn("cache-epochs", self._refresh_epochs)
@@ -175,10 +200,14 @@ class Sidecar:
         if delay > 0:
             await asyncio.sleep(delay)
         self.data_port.stop_listening()
+        # The gRPC port stops accepting and drains alongside, within the same grace.
+        grpc_drained = asyncio.ensure_future(self.grpc.stop(self.cfg.shutdown_grace)) if self.grpc else None
         if not await self.data_port.drain(self.cfg.shutdown_grace):
             log.warning("shutdown grace of %.1f s over with calls still in flight; closing them",
                         self.cfg.shutdown_grace)
         await self.data_port.close()
+        if grpc_drained is not None:
+            await grpc_drained
         await self.supervisor.stop()
         await self.monitor.stop()
         try:
@@ -197,7 +226,10 @@ class Sidecar:
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
             self._admin_runner = None
+        if self.grpc is not None:
+            await self.grpc.stop(0)
         await self.upstream.close()
+        await self.grpc_upstream.close()
         if self.shared_cache is not None:
             await self.shared_cache.close()
         self.decoder.close()

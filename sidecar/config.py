@@ -96,6 +96,11 @@ class UpstreamConfig:
         metadata=_key("TF Serving models whose status decides readiness (comma-separated); "
                       "Triton uses /v2/health/ready"),
     )
+    grpc_url: str = field(
+        default="",
+        metadata=_key("model server gRPC target (HOST:PORT); empty: upstream.url's host with port 8001 (Triton) "
+                      "or 8500 (TF Serving)", lambda v: None if v == "" else _host_port(v)),
+    )
 
 
 @dataclass(frozen=True)
@@ -140,6 +145,10 @@ class LimitsConfig:
     keepalive_timeout: float = field(
         default=75.0, metadata=_key("seconds an idle keep-alive client connection stays open", _positive)
     )
+
+
+def _share(v: Any) -> str | None:
+    return None if 0 < v <= 1 else "a number in (0, 1]"
 
 
 def _at_least(n: float) -> Validator:
@@ -202,10 +211,39 @@ class WarmupConfig:
         default=False, metadata=_key("stay not-ready until warm-up converges, however long it takes")
     )
     max_batch: int = field(default=64, metadata=_key("largest batch size the shape sweep builds", _positive))
+    ready_share: float = field(
+        default=1.0,
+        metadata=_key("the pod turns ready once the models carrying this share of recorded traffic are warm "
+                      "(1.0: all); the rest keep warming in the background", _share),
+    )
+    background_concurrency: int = field(
+        default=1, metadata=_key("warm-up calls in flight at once once the pod is ready (the models still "
+                                 "warming must not slow the ones serving)", _positive),
+    )
     retry_interval: float = field(
         default=5.0,
         metadata=_key("seconds before a warm-up that did not make the pod ready is tried again (doubling, "
                       "at most 300)", _positive),
+    )
+
+
+@dataclass(frozen=True)
+class ModelsConfig:
+    load: str = field(
+        default="auto",
+        metadata=_key("auto: with Triton in explicit model-control mode, load models in order of their share of "
+                      "traffic, each warmed as soon as it is loaded; off: never load or unload",
+                      _one_of("auto", "off")),
+    )
+    unseen: tuple[str, ...] = field(
+        default=("none",),
+        metadata=_key("models never seen in traffic, loaded last when the sidecar loads models: none (only models "
+                      "the operator loaded are warmed), all (repository order), or a list in the order to load them"),
+    )
+    idle_unload: float = field(
+        default=0.0,
+        metadata=_key("unload models the sidecar loaded that had no call for this many seconds, and load them "
+                      "again on demand with their warm-up; 0: never", _non_negative),
     )
 
 
@@ -340,6 +378,11 @@ class BatchConfig:
 @dataclass(frozen=True)
 class Config:
     listen: str = field(default="0.0.0.0:9000", metadata=_key("HTTP data port (HOST:PORT)", _host_port))
+    grpc_listen: str = field(
+        default="0.0.0.0:9001",
+        metadata=_key("gRPC data port (HOST:PORT): KServe v2, TF Serving and grpc.health.v1; empty: off",
+                      lambda v: None if v == "" else _host_port(v)),
+    )
     admin: str = field(
         default="0.0.0.0:9090", metadata=_key("admin port: probes, /metrics (HOST:PORT)", _host_port)
     )
@@ -377,6 +420,7 @@ class Config:
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
+    models: ModelsConfig = field(default_factory=ModelsConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
 

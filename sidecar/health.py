@@ -25,7 +25,8 @@ log = logging.getLogger("sidecar.health")
 _LOG_EVERY = 60.0  # seconds between repeated warnings about the same problem
 _RETRY_MAX = 300.0  # seconds between attempts of a warm-up, at most
 
-Warmer = Callable[[str], Awaitable[bool]]  # (upstream protocol) -> True: the pod may report ready
+# (upstream protocol, called once the ready share is warm) -> True: the pod may report ready
+Warmer = Callable[[str, Callable[[], None]], Awaitable[bool]]
 
 
 class Health(enum.Enum):
@@ -50,6 +51,9 @@ class UpstreamMonitor:
         self.metrics = metrics
         self.warmer = warmer
         self.retry_interval = retry_interval
+        # Layered loading: whether the sidecar is loading a model now, and the models it loaded itself.
+        self.own_loading: Callable[[], bool] = lambda: False
+        self.own_models: Callable[[], set[str]] = set
         self.protocol = cfg.protocol if cfg.protocol != "auto" else ""
         self.last = Health.DOWN
         # What the server has loaded, (model, version) pairs; None until first seen ready.
@@ -130,6 +134,10 @@ class UpstreamMonitor:
                 self.metrics.known_models.update(model_names(index))
             return Health.READY
         live, _ = await self.client.probe("/v2/health/live", timeout)
+        if live == 200 and self.own_loading():
+            # Triton reports itself not ready while any model loads - here one the sidecar is loading: the
+            # server has not lost readiness, it is doing what the sidecar asked.
+            return Health.READY
         return Health.LIVE if live == 200 else Health.DOWN
 
     async def _check_tfserving(self, timeout: float) -> Health:
@@ -150,6 +158,8 @@ class UpstreamMonitor:
         """A model version the server did not have before is cold, even if the server never went down
         (Triton's repository polling or load API, a TF Serving version roll-over)."""
         new = loaded - self.loaded if self.loaded is not None else frozenset()
+        own = self.own_models()
+        new = frozenset((m, v) for m, v in new if m not in own)  # the sidecar's own loads warm as they load
         if new:
             self._new_load = ", ".join(f"{m} version {v}" for m, v in sorted(new))
         self.loaded = loaded
@@ -209,9 +219,19 @@ class UpstreamMonitor:
     async def _warm_again(self) -> None:
         assert self.warmer is not None
         try:
-            await self.warmer(self.protocol or "triton")
+            await self.warmer(self.protocol or "triton", lambda: None)
         except Exception as e:  # best effort: the pod is ready already
             log.warning("re-warm failed (%s)", type(e).__name__)
+
+    @property
+    def warming(self) -> bool:
+        """A warm-up is running (it may continue in the background after the pod turned ready)."""
+        return self._warming is not None and not self._warming.done()
+
+    def _warm_enough(self) -> None:
+        """The models carrying warmup.ready_share of traffic are warm: ready now, the rest warm behind."""
+        if self.machine.state is State.WARMING:
+            self.machine.to(State.WARM, "the ready share of traffic is warm; other models keep warming")
 
     def _cancel_warming(self) -> None:
         if self._warming is not None and not self._warming.done():
@@ -225,7 +245,8 @@ class UpstreamMonitor:
         while True:
             attempt += 1
             try:
-                ready = True if self.warmer is None else await self.warmer(self.protocol or "triton")
+                ready = True if self.warmer is None else await self.warmer(self.protocol or "triton",
+                                                                          self._warm_enough)
             except SidecarError as e:
                 log.warning("warm-up attempt %d failed: %s", attempt, e.message)
                 ready = False
@@ -233,7 +254,7 @@ class UpstreamMonitor:
                 self.metrics.task_restarts.labels("warmer").inc()
                 log.error("warm-up attempt %d failed (%s)\n%s", attempt, type(e).__name__, where(e))
                 ready = False
-            if ready:
+            if ready or self.machine.state is State.WARM:  # ready by share already: the rest warmed behind it
                 self.machine.to(State.WARM, "warm-up complete" if attempt == 1 else f"warm-up complete (attempt "
                                 f"{attempt})")
                 return

@@ -18,7 +18,7 @@ def monitor() -> tuple[UpstreamMonitor, list[str], list[str]]:
     warmed: list[str] = []
     changes: list[str] = []
 
-    async def warmer(protocol: str) -> bool:
+    async def warmer(protocol: str, on_ready: object = None) -> bool:
         warmed.append(protocol)
         return True
 

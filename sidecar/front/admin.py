@@ -35,6 +35,7 @@ class AdminActions:
     token: Callable[[], str]  # the configured bearer token, read now ("" when none)
     cache_report: Callable[[], dict[str, Any]]  # per-model hit ratios and sizes, for /status
     batch_report: Callable[[], dict[str, Any]]  # per batched model: cap, learned latencies, queue
+    models_report: Callable[[], dict[str, Any]]  # per model: share, load/warm state, time to warm
 
 
 class AdminFront:
@@ -150,6 +151,7 @@ class AdminFront:
             "task_restarts": dict(self.supervisor.restarts),
             "cache": self.actions.cache_report() if self.actions is not None else {},
             "batching": self.actions.batch_report() if self.actions is not None else {},
+            "models": self.actions.models_report() if self.actions is not None else {},
             "plan": [
                 {"model": mp.model, "share": round(mp.share, 4), "max_batch": mp.max_batch,
                  "calls": [{"kind": c.kind, "batch": c.batch, "shape": c.shape} for c in mp.calls]}
@@ -186,6 +188,12 @@ class AdminFront:
                 lines.append(f"  {model:<20} hit ratio {m['hit_ratio']:.1%}  hits {m['hits']} "
                              f"(shared {m['redis_hits']})  misses {m['misses']}  coalesced {m['coalesced']}  "
                              f"bypassed {m['bypassed']}")
+        if data["models"]:
+            lines += ["", "models (by share of traffic):"]
+            for model, m in data["models"].items():
+                warm = f", warm in {m['warm_seconds']:.1f} s" if m["warm_seconds"] is not None else ""
+                why = f" ({m['reason']})" if m["reason"] else ""
+                lines.append(f"  {model:<20} {m['share']:6.1%}  {m['state']}{warm}{why}")
         for model, b in sorted(data["batching"].items()):
             latencies = ", ".join(f"{size}: {ms} ms" for size, ms in b["latency_ms"].items()) or "none yet"
             lines.append(f"batching {model}: cap {b['cap']} of {b['max_batch']}, {b['in_flight']}/{b['max_concurrent']}"

@@ -27,6 +27,7 @@ from ..errors import (
     UpstreamUnavailable,
 )
 from ..headers import REQUEST_ID, Header, end_to_end
+from ..loading.book import ModelBook
 from ..mesh.envoy import ORCA_FORMAT, DataPortSignals
 from ..metrics import Metrics
 from ..pipeline.stage import Call, HttpAnswer, HttpWire, Next, Reply
@@ -45,8 +46,8 @@ STATE_HEADER = b"x-sidecar-state"
 CACHE_HEADER = b"x-sidecar-cache"
 _STATE_VALUES = {s: s.value.encode() for s in State}
 _JSON_HEADERS = [(b"Content-Type", b"application/json")]
-_MODEL_READY = re.compile(r"/v2/models/[^/]+(?:/versions/[^/]+)?/ready")
-_TF_STATUS = re.compile(r"/v1/models/[^/:]+(?:/versions/[^/:]+|/labels/[^/:]+)?")
+_MODEL_READY = re.compile(r"/v2/models/([^/]+)(?:/versions/[^/]+)?/ready")
+_TF_STATUS = re.compile(r"/v1/models/([^/:]+)(?:/versions/[^/:]+|/labels/[^/:]+)?")
 _METHODS_REFUSED = frozenset({"CONNECT"})
 _REPOSITORY_ACTION = re.compile(r"/v2/repository/models/([^/]+)/(?:load|unload)")
 
@@ -71,6 +72,7 @@ class HttpFront:
         self.cfg = cfg
         self.upstream = upstream
         self.on_model_reload = on_model_reload
+        self.book: ModelBook | None = None  # per-model readiness, when the composition root provides it
         self.scope_header = cfg.cache.scope_header.lower().encode()
         self._background: set[asyncio.Task[object]] = set()
         self.pipeline = pipeline
@@ -115,8 +117,7 @@ class HttpFront:
             self._check_allowed(req)
             if route is not None:
                 status = await self._infer(req, out, route, request_id)
-            elif req.method == "GET" and not self.machine.ready and (
-                    answer := await self._not_ready_answer(req)) is not None:
+            elif req.method == "GET" and (answer := await self._not_ready_answer(req)) is not None:
                 status = self._send(out, request_id, *answer)
             else:
                 status = await self._pass_through(req, out, request_id)
@@ -188,11 +189,11 @@ class HttpFront:
     async def _call(self, req: Request, route: dispatch.InferenceRoute, body: bytes, request_id: str) -> Call:
         modelled = True
         try:
-            canonical = await self.decoder.decode(route, body, req.header(dispatch.HEADER_LENGTH),
+            canonical = await self.decoder.decode(route, body, req.header_values(dispatch.HEADER_LENGTH),
                                                   req.header(b"content-encoding"))
-        except DecodeError as e:
+        except DecodeError:
             # Valid or not, the model server answers it as it always does; the sidecar only stays out of the way.
-            log.debug("call forwarded unmodelled: %s", e.message[:200])
+            # (The codec's reason is not logged: it can quote the body's field names.)
             self.metrics.unmodelled.labels(route.protocol.value).inc()
             canonical = InferenceRequest(route.protocol, route.model, route.version, route.method)
             modelled = False
@@ -231,16 +232,22 @@ class HttpFront:
     # -- readiness paths while not warm --------------------------------------------------------------
 
     async def _not_ready_answer(self, req: Request) -> tuple[int, list[Header], bytes] | None:
-        """The model server's own readiness paths, answered "not ready" until the pod is warm."""
+        """The model server's own readiness paths, answered "not ready" until the pod is warm; a model's
+        own path follows that model's state (warm or not) once the sidecar tracks it, not the pod's."""
         path = req.path
         if path == "/v2/health/ready":
-            return 400, [(b"Content-Type", b"text/plain")], b""  # Triton: 400, empty body
-        if _MODEL_READY.fullmatch(path):
+            return None if self.machine.ready else (400, [(b"Content-Type", b"text/plain")], b"")  # Triton's
+        model = _MODEL_READY.fullmatch(path) or _TF_STATUS.fullmatch(path)
+        if model is None or self._model_ready(model.group(1)):
+            return None
+        if path.startswith("/v2/"):
             return 400, list(_JSON_HEADERS), b'{"error":"Model version not ready"}'
-        if _TF_STATUS.fullmatch(path):
-            status, body = await self._tf_status(req)
-            return status, list(_JSON_HEADERS), body
-        return None
+        status, body = await self._tf_status(req)
+        return status, list(_JSON_HEADERS), body
+
+    def _model_ready(self, model: str) -> bool:
+        tracked = self.book.ready(model) if self.book is not None else None
+        return self.machine.ready if tracked is None else tracked
 
     async def _tf_status(self, req: Request) -> tuple[int, bytes]:
         """TF Serving's model status, shown not ready while the pod warms."""

@@ -43,6 +43,7 @@ class WarmupReport:
     complete: bool = False
     reason: str = ""
     errors: list[str] = field(default_factory=list)
+    reasons: list[str] = field(default_factory=list)  # per model, when a warm-up is made of several
     started: float = field(default_factory=time.time)
     finished: float | None = None
 
@@ -66,10 +67,13 @@ class Replayer:
         self.metrics = metrics
         self.timeout = timeout
         self.report = WarmupReport()
+        self.concurrency = cfg.concurrency
         self.on_progress = on_progress or (lambda _p: None)
 
-    async def run(self, plan: Plan) -> WarmupReport:
-        """Replay until converged, out of passes or out of budget (budget ignored with require_complete)."""
+    async def run(self, plan: Plan, concurrency: int | None = None) -> WarmupReport:
+        """Replay until converged, out of passes or out of budget (budget ignored with require_complete).
+        ``concurrency``: calls in flight at once (default ``warmup.concurrency``)."""
+        self.concurrency = concurrency or self.cfg.concurrency
         self.report = report = WarmupReport()
         calls = [c for m in plan.models for c in m.calls]
         for c in calls:
@@ -114,7 +118,7 @@ class Replayer:
 
     async def _one_pass(self, calls: list[PlannedCall], report: WarmupReport) -> list[tuple[PlannedCall,
                                                                                              float | None]]:
-        gate = asyncio.Semaphore(self.cfg.concurrency)
+        gate = asyncio.Semaphore(self.concurrency)
 
         async def one(call: PlannedCall) -> tuple[PlannedCall, float | None]:
             async with gate:

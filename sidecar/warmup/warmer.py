@@ -1,4 +1,10 @@
-"""Runs warm-up when the state machine enters WARMING: plan from the store, replay, report.
+"""Runs warm-up when the state machine enters WARMING, model by model in order of share of traffic.
+
+Each model is loaded first when the sidecar manages loading (Triton in explicit model-control mode),
+then warmed by replaying its own plan until its latency converges. The pod may turn ready as soon as
+the models carrying ``warmup.ready_share`` of recorded traffic are warm (``on_ready``); the others
+keep warming in the background at ``warmup.background_concurrency``, so they do not slow the models
+already serving. A caller waiting for a model (``ModelBook.want``) moves it to the front.
 
 Holds the last plan and report for the /status page and `sidecar plan`.
 """
@@ -6,9 +12,13 @@ Holds the last plan and report for the /status page and `sidecar plan`.
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 
 from ..config import Config
 from ..errors import SidecarError
+from ..loading.book import ModelBook, ModelState
+from ..loading.repository import Repository
 from ..metrics import Metrics
 from ..pipeline.latency import LatencyModel
 from ..pipeline.stage import Next
@@ -16,17 +26,18 @@ from ..protocols.request import Protocol
 from ..state import StateMachine
 from ..upstream.http import HttpUpstream
 from ..upstream.models import ModelCatalog
-from .planner import Plan, Planner
+from .planner import ModelPlan, Plan, Planner
 from .replayer import Replayer, WarmupReport
-from .store import TrafficStore
 
 log = logging.getLogger("sidecar.warmup")
 
+OnReady = Callable[[], None]
+
 
 class Warmer:
-    def __init__(self, cfg: Config, store: TrafficStore, client: HttpUpstream, machine: StateMachine,
+    def __init__(self, cfg: Config, store_planner_store: object, client: HttpUpstream, machine: StateMachine,
                  metrics: Metrics, send: Next | None = None, catalog: ModelCatalog | None = None,
-                 latency: LatencyModel | None = None) -> None:
+                 latency: LatencyModel | None = None, book: ModelBook | None = None) -> None:
         """``send``: where replayed calls enter the pipeline (the response cache, so its answers fill it);
         by default straight to the model server."""
         self.cfg = cfg
@@ -35,40 +46,170 @@ class Warmer:
         self.latency = latency
         self.machine = machine
         self.metrics = metrics
-        self.planner = Planner(cfg, store, self.max_batch_of)
+        self.book = book or ModelBook()
+        self.repository = Repository(client, cfg.warmup.budget)
+        self.planner = Planner(cfg, store_planner_store, self.max_batch_of)  # type: ignore[arg-type]
         self.replayer = Replayer(cfg.warmup, send or client.send, metrics, cfg.upstream.timeout,
-                                 on_progress=self._progress)
+                                 on_progress=self._model_progress)
+        self._done, self._total = 0, 1  # models warmed in this warm-up, and how many it has
         self.plan = Plan()
         self.report: WarmupReport | None = None
         self.runs = 0
+        self.managing = False  # whether the sidecar loads models itself (explicit mode)
+        self.loading = 0  # repository loads the sidecar has in flight
+        self.protocol = "triton"
+        self.loaded: Callable[[], frozenset[tuple[str, str]] | None] = lambda: None  # the monitor's view
 
     def __repr__(self) -> str:
-        return f"<Warmer runs={self.runs} plan={self.plan.total_calls} calls>"
+        return f"<Warmer runs={self.runs} plan={self.plan.total_calls} calls {self.book!r}>"
 
-    async def __call__(self, protocol: str) -> bool:
-        """One warm-up of a ``triton`` or ``tfserving`` upstream; True when the pod may report ready."""
+    async def __call__(self, protocol: str, on_ready: OnReady | None = None) -> bool:
+        """One warm-up of a ``triton`` or ``tfserving`` upstream; True when the pod may report ready.
+        ``on_ready`` is called (at most once) as soon as the ready share is warm."""
         if not self.cfg.warmup.enabled:
             return True
         self.runs += 1
+        self.protocol = protocol
         self._progress(0.0)
         try:
             self.plan = await self.planner.build(protocol)
             log.info("warm-up %d: %s", self.runs, self.plan.render().strip())
-            self.report = await self.replayer.run(self.plan)
+            order = await self._order(protocol)
+            complete = await self._warm_in_order(order, on_ready)
         except (SidecarError, OSError, ValueError) as e:
             # The store or the model server failed us: warm-up is best effort unless it is required.
             self.metrics.warmup_incomplete.inc()
             log.warning("warm-up %d could not run (%s)", self.runs, getattr(e, "message", type(e).__name__))
             return not self.cfg.warmup.require_complete
-        log.info("warm-up %d done: %s", self.runs, self.report.render().strip())
-        if self.latency is not None:
-            for group in self.report.groups.values():
-                if group.passes and group.batch:
-                    self.latency.observe(group.model, group.batch, group.passes[-1])
-        return self.report.complete or not self.cfg.warmup.require_complete
+        if self.report is not None:
+            log.info("warm-up %d done: %s", self.runs, self.report.render().strip())
+        return complete or not self.cfg.warmup.require_complete
+
+    # -- the order ------------------------------------------------------------------------------------
+
+    async def _order(self, protocol: str) -> list[str]:
+        """Models by share of recorded traffic, then those never seen (``models.unseen``); tracked in the book
+        with their share and whether they are loaded."""
+        shares = {mp.model: mp.share for mp in self.plan.models}
+        loaded = {m for m, _ in self.loaded() or ()}
+        index = await self.repository.index() if protocol == "triton" else None
+        self.managing = (self.cfg.models.load == "auto" and index is not None
+                         and any(not e.state for e in index))  # a model never loaded: explicit mode
+        known = [e.name for e in index] if index is not None else []
+        ordered = sorted(shares, key=lambda m: -shares[m])
+        unseen = [m for m in dict.fromkeys([*known, *sorted(loaded)]) if m not in shares]
+        ordered += self._unseen(unseen, loaded)
+        ready_now = loaded | {e.name for e in index or () if e.state == "READY"}
+        for name in ordered:
+            self.book.track([name])
+            entry = self.book.models[name]
+            entry.share = shares.get(name, 0.0)
+            if entry.state is not ModelState.WARM:
+                self.book.set(name, ModelState.QUEUED if name in ready_now or not self.managing
+                              else ModelState.UNLOADED)
+        if self.managing:  # the rest of the repository: not loaded now, loaded when a caller waits for one
+            rest = [m for m in known if m not in ordered and m not in ready_now]
+            self.book.track(rest, ModelState.UNLOADED)
+        return ordered
+
+    def _unseen(self, unseen: list[str], loaded: set[str]) -> list[str]:
+        policy = self.cfg.models.unseen
+        if policy == ("all",):
+            return unseen
+        if policy == ("none",):
+            return [m for m in unseen if m in loaded]  # loaded by the operator: warmed, never loaded by us
+        listed = [m for m in policy if m in unseen]
+        return listed + [m for m in unseen if m in loaded and m not in listed]
+
+    # -- model by model ---------------------------------------------------------------------------------
+
+    async def _warm_in_order(self, order: list[str], on_ready: OnReady | None) -> bool:
+        merged = WarmupReport()  # becomes self.report (the last finished warm-up) when done
+        ready = False
+        complete = True
+        pending = list(order)
+        self._total = max(len(order), 1)
+        for done in range(len(order)):
+            self._done = done
+            name = self.book.next_wanted(pending) or pending[0]
+            pending.remove(name)
+            report = await self.warm_model(name, background=ready)
+            if report is not None:
+                merged.groups.update(report.groups)
+                merged.passes = max(merged.passes, report.passes)
+                merged.errors.extend(report.errors)
+                merged.reasons.append(report.reason if not report.complete else "")
+                complete = complete and report.complete
+            self._progress(min(0.99, (done + 1) / max(len(order), 1)))
+            if not ready and pending and self._ready_share_warm():
+                ready = True  # the rest warms behind the pod's readiness (with nothing left, the caller says so)
+                if on_ready is not None:
+                    on_ready()
+        merged.complete = complete
+        merged.reasons = [r for r in merged.reasons if r]
+        merged.reason = "" if complete else (f"{len(merged.errors)} call(s) failed" if merged.errors else
+                                             "; ".join(merged.reasons) or "did not converge")
+        merged.finished = time.time()
+        self.report = merged
+        return complete
+
+    def _ready_share_warm(self) -> bool:
+        """ready_share 1.0 means every model (those never seen in traffic too, as before layering)."""
+        share = self.cfg.warmup.ready_share
+        if share >= 1.0:
+            return all(self.book.ready(name) for name in self.book.models)
+        return self.book.shares_warm() >= share
+
+    async def warm_model(self, name: str, background: bool = False) -> WarmupReport | None:
+        """Load ``name`` if the sidecar manages loading and it is not loaded, then replay its plan."""
+        entry = self.book.models.get(name)
+        if entry is not None and entry.state is ModelState.UNLOADED:
+            if not self.managing:
+                return None
+            self.book.set(name, ModelState.LOADING)
+            self.loading += 1
+            try:
+                why = await self.repository.load(name)
+            finally:
+                self.loading -= 1
+            if why:
+                log.warning("loading model %s failed: %s", name, why)
+                self.book.set(name, ModelState.FAILED, why)
+                return None
+            self.book.models[name].loaded_by_sidecar = True
+            self.catalog.forget(name)
+            # Its configuration (max batch size, so the shape sweep) can only be read now it is loaded.
+            await self.rebuild_model_plan(self.protocol, name)
+        self.book.set(name, ModelState.WARMING)
+        model_plan = next((mp for mp in self.plan.models if mp.model == name), None)
+        concurrency = self.cfg.warmup.background_concurrency if background else None
+        report = await self.replayer.run(Plan([model_plan] if model_plan else []), concurrency=concurrency)
+        self._learn(report)
+        if report.complete or not self.cfg.warmup.require_complete:
+            self.book.set(name, ModelState.WARM)
+        else:  # required and not reached: the model stays not ready, as the pod does
+            self.book.set(name, ModelState.WARMING, report.reason)
+        return report
+
+    async def rebuild_model_plan(self, protocol: str, name: str) -> None:
+        """A model loaded again on demand: its plan from what the store holds now."""
+        plan = await self.planner.build(protocol)
+        fresh: ModelPlan | None = next((mp for mp in plan.models if mp.model == name), None)
+        self.plan.models = [mp for mp in self.plan.models if mp.model != name] + ([fresh] if fresh else [])
+
+    def _learn(self, report: WarmupReport) -> None:
+        if self.latency is None:
+            return
+        for group in report.groups.values():
+            if group.passes and group.batch:
+                self.latency.observe(group.model, group.batch, group.passes[-1])
 
     def _progress(self, value: float) -> None:
         self.machine.progress = value  # the gauge reads it from there
+
+    def _model_progress(self, value: float) -> None:
+        """The current model's own progress, as a part of the whole warm-up's."""
+        self._progress(min(0.99, (self._done + value) / self._total))
 
     async def max_batch_of(self, model: str, protocol: Protocol) -> int | None:
         """The model's largest batch, from the model server's own configuration; None when unknown."""

@@ -1,0 +1,1 @@
+"""Layered loading: models loaded and warmed in order of their share of traffic; per-model readiness."""
