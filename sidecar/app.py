@@ -152,15 +152,14 @@ class Sidecar:
         """Admin action: forget cached answers (of one model), here and, through the epoch, fleet-wide."""
         gone = self.cache.flush(model)
         if self.shared_cache is not None:
-            for name in [model] if model else sorted(self.cache.generations.versions):
-                await self.shared_cache.bump_epoch(name)
+            await self.shared_cache.bump_epoch(model or None)
         return gone
 
     async def _refresh_epochs(self) -> None:
         """Background task: read the fleet's cache epochs, so a flush elsewhere reaches this replica."""
         assert self.shared_cache is not None
         while True:
-            await self.shared_cache.refresh_epochs(self.cache.generations.versions)
+            await self.shared_cache.refresh_epochs(self.cache.generations.versions.keys() | self.cache.stats.models)
             await asyncio.sleep(self.cfg.upstream.health_interval)
 
     async def start(self) -> None:

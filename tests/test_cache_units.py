@@ -113,10 +113,11 @@ def test_the_tier_never_holds_more_than_its_bytes(ops: list[tuple[int, int, bool
         if read:
             tier.get(digest(i))
         else:
-            tier.put(digest(i), "m", Entry(RESPONSE, 0.0, 1e18, size))
+            tier.put(digest(i), "ab"[i % 2], Entry(RESPONSE, 0.0, 1e18, size))
         assert tier.used <= tier.max_bytes
-        assert tier.used == sum(n.entry.size for s in (tier.window, tier.probation, tier.protected)
-                                for n in s.values())
+        counted = tier.accounted()
+        assert counted == tier.entries_by_model()
+        assert tier.used == sum(b for _, b in counted.values())
 
 
 def test_tinylfu_keeps_frequent_answers_better_than_lru_on_a_zipf_trace() -> None:
@@ -397,9 +398,13 @@ async def test_an_epoch_moved_by_another_replica_empties_this_replicas_memory() 
 
         def __init__(self) -> None:
             self.epochs: dict[str, int] = {}
+            self.fleet_epoch = 0
+
+        def epoch(self, model: str) -> tuple[int, int]:
+            return self.fleet_epoch, self.epochs.get(model, 0)
 
         def key(self, model: str, versions: str, digest: bytes) -> bytes:
-            return b"%d:" % self.epochs.get(model, 0) + digest
+            return b"%d:%d:" % self.epoch(model) + digest
 
         async def get(self, key: bytes) -> bytes | None:
             return None
@@ -417,6 +422,9 @@ async def test_an_epoch_moved_by_another_replica_empties_this_replicas_memory() 
     assert (await cache(make_call(7), upstream)).cache == "miss"
     assert (await cache(make_call(7), upstream)).cache == "hit"
     shared.epochs["m"] = 1  # what the epoch refresh reads after a flush elsewhere
+    assert (await cache(make_call(7), upstream)).cache == "miss"
+    assert (await cache(make_call(7), upstream)).cache == "hit"
+    shared.fleet_epoch = 1  # ... and after a flush of every model elsewhere
     assert (await cache(make_call(7), upstream)).cache == "miss"
     assert (await cache(make_call(7), upstream)).cache == "hit"
 
@@ -448,3 +456,85 @@ async def test_an_error_in_one_tfserving_form_is_not_shared_with_the_other_form(
     release.set()
     assert (await row).status == 400
     assert (await columns).status == 200 and asked == ["row", "columnar"]
+
+
+@SETTINGS
+@given(inference_responses(), st.floats(0, 1e9), st.integers(1, 10_000))
+def test_the_tier_gives_back_what_it_was_given(response: InferenceResponse, stored_at: float, size: int) -> None:
+    tier = MemoryTier(1 << 20)
+    entry = Entry(response, stored_at, stored_at + 1e12, size)
+    tier.put(digest(1), "m", entry)
+    assert tier.get(digest(1)) == entry
+    assert tier.get(digest(1)) == entry  # the second read comes from the objects kept for recent reads
+
+
+def test_answers_held_are_invisible_to_the_garbage_collector() -> None:
+    """A full collection walks every object it tracks: a large tier must not add to that walk."""
+    import gc
+
+    tier = MemoryTier(1 << 26)
+    gc.collect()
+    before = len(gc.get_objects())
+    for i in range(20_000):
+        response = InferenceResponse(Protocol.KSERVE_HTTP, "m", "1", (Tensor("Y", "FP32", (1, 1), i.to_bytes(4)),),
+                                     (("k", "v"),))
+        tier.put(digest(i), "m", Entry(response, 0.0, 1e18, 300))
+    for _ in range(3):  # each pass stops tracking the tuples whose contents the previous pass untracked
+        gc.collect()
+    assert len(tier) == 20_000
+    assert len(gc.get_objects()) - before < 1_000  # not several objects per answer
+    del tier
+
+
+async def test_a_probe_whose_caller_leaves_does_not_leave_the_breaker_open_for_good() -> None:
+    """The half-open breaker's one probe read is cancelled (its client disconnected): a later read probes."""
+    from sidecar.cache.redis import RedisTier
+
+    accepted: list[asyncio.StreamWriter] = []
+    connected = asyncio.Event()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)  # a Redis that accepts and never answers
+        connected.set()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    now = [100.0]
+    breaker = Breaker(failures=1, cooldown=1.0, clock=lambda: now[0])
+    tier = RedisTier(f"redis://127.0.0.1:{port}/0", "t", timeout=0.5, breaker=breaker)
+    try:
+        breaker.failure()
+        assert breaker.state == "open"
+        now[0] += 2  # the cooldown is over: the next read is the probe
+        probe = asyncio.create_task(tier.get(b"k"))
+        async with asyncio.timeout(5):
+            await connected.wait()
+        probe.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await probe
+        assert breaker.allow()  # another probe may go
+    finally:
+        await tier.close()
+        server.close()
+        for writer in accepted:
+            writer.close()
+
+
+async def test_a_follower_with_an_earlier_deadline_times_out_alone() -> None:
+    from sidecar.errors import UpstreamTimeout
+
+    cache = stage()
+    release = asyncio.Event()
+
+    async def upstream(call: Call) -> Reply:
+        await release.wait()
+        return answer_for(call)
+
+    leader = asyncio.create_task(cache(make_call(8, "leader"), upstream))
+    await asyncio.sleep(0)
+    hasty = make_call(8, "hasty")
+    hasty.deadline = asyncio.get_running_loop().time() + 0.05
+    with pytest.raises(UpstreamTimeout):
+        await cache(hasty, upstream)
+    release.set()
+    assert (await leader).cache == "miss"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import struct
 
-from ..protocols.request import InferenceRequest, Params
+from ..protocols.request import InferenceRequest, Params, RequestedOutput, Tensor
 
 # Parameters that only choose a wire form or a scheduling hint, not the answer.
 _WIRE_ONLY_PARAMS = frozenset({"binary_data_output", "binary_data_size", "binary_data", "priority", "timeout"})
@@ -22,18 +22,24 @@ _TF_CACHE_WIRE_ONLY = _WIRE_ONLY_PARAMS | {"format"}
 _SEQUENCE_PARAMS = frozenset({"sequence_id", "sequence_start", "sequence_end"})
 
 
-def _frame(h: hashlib.blake2b, *parts: bytes) -> None:
-    # Length-prefix every part, so ("ab", "c") and ("a", "bc") never collide.
-    for part in parts:
-        h.update(struct.pack("<Q", len(part)))
-        h.update(part)
+_U64 = struct.Struct("<Q").pack
+_U32 = struct.Struct("<I").pack
+# Tensor data up to this size is hashed in one update with the framing around it; larger data is hashed
+# where it lies (never copied).
+_JOIN_BYTES = 4096
 
 
-def _params(h: hashlib.blake2b, params: Params, wire_only: frozenset[str] = _WIRE_ONLY_PARAMS) -> None:
+def _framed(out: list[bytes], part: bytes) -> None:
+    out.append(_U64(len(part)))
+    out.append(part)
+
+
+def _params(out: list[bytes], params: Params, wire_only: frozenset[str] = _WIRE_ONLY_PARAMS) -> None:
     kept = [(k, v) for k, v in params if k not in wire_only]
-    h.update(struct.pack("<I", len(kept)))
+    out.append(_U32(len(kept)))
     for k, v in kept:
-        _frame(h, k.encode(), v.encode())
+        _framed(out, k.encode())
+        _framed(out, v.encode())
 
 
 def request_key(req: InferenceRequest) -> str:
@@ -45,9 +51,7 @@ def cache_key(req: InferenceRequest, generation: str, scope: bytes = b"") -> byt
     """256-bit digest of a cached answer's identity: the request's, the generation of the model that
     answers it (versions served, reloads seen: an unversioned call never gets an answer of a version
     no longer loaded) and the caller's scope (a tenant header's value, when configured)."""
-    h = _identity(req, 32, cache=True)
-    _frame(h, generation.encode(), scope)
-    return h.digest()
+    return _identity(req, 32, cache=True, tail=(generation.encode(), scope)).digest()
 
 
 def is_stateful(req: InferenceRequest) -> bool:
@@ -55,19 +59,40 @@ def is_stateful(req: InferenceRequest) -> bool:
     return any(k in _SEQUENCE_PARAMS for k, _ in req.parameters)
 
 
-def _identity(req: InferenceRequest, size: int, cache: bool = False) -> hashlib.blake2b:
+def _by_name(t: Tensor | RequestedOutput) -> str:
+    return t.name
+
+
+def _identity(req: InferenceRequest, size: int, cache: bool = False, tail: tuple[bytes, ...] = ()) -> hashlib.blake2b:
+    """The digest state of everything that makes the answer. The byte stream hashed is fixed (recorded
+    traffic is keyed by it): framed parts, collected and hashed in few updates because this runs for
+    every call, twice (the recorder's key and the cache's)."""
     h = hashlib.blake2b(digest_size=size)
     # KServe HTTP and gRPC calls of one model are the same call; so are TF REST and gRPC.
     family = "kserve" if req.protocol.value.startswith("kserve") else "tfserving"
-    _frame(h, family.encode(), req.model.encode(), req.version.encode(), req.method.encode())
-    _params(h, req.parameters, _TF_CACHE_WIRE_ONLY if cache and family == "tfserving" else _WIRE_ONLY_PARAMS)
-    h.update(struct.pack("<I", len(req.inputs)))
-    for t in sorted(req.inputs, key=lambda t: t.name):
-        _frame(h, t.name.encode(), t.datatype.encode(), struct.pack(f"<{len(t.shape)}q", *t.shape), t.data)
-    h.update(struct.pack("<I", len(req.outputs)))
-    for o in sorted(req.outputs, key=lambda o: o.name):
-        _frame(h, o.name.encode())
-        _params(h, o.parameters)
+    out: list[bytes] = []
+    for part in (family, req.model, req.version, req.method):
+        _framed(out, part.encode())
+    _params(out, req.parameters, _TF_CACHE_WIRE_ONLY if cache and family == "tfserving" else _WIRE_ONLY_PARAMS)
+    out.append(_U32(len(req.inputs)))
+    for t in sorted(req.inputs, key=_by_name) if len(req.inputs) > 1 else req.inputs:
+        _framed(out, t.name.encode())
+        _framed(out, t.datatype.encode())
+        _framed(out, struct.pack(f"<{len(t.shape)}q", *t.shape))
+        out.append(_U64(len(t.data)))
+        if len(t.data) > _JOIN_BYTES:
+            h.update(b"".join(out))
+            h.update(t.data)
+            out.clear()
+        else:
+            out.append(t.data)
+    out.append(_U32(len(req.outputs)))
+    for o in sorted(req.outputs, key=_by_name) if len(req.outputs) > 1 else req.outputs:
+        _framed(out, o.name.encode())
+        _params(out, o.parameters)
+    for extra in tail:
+        _framed(out, extra)
+    h.update(b"".join(out))
     return h
 
 

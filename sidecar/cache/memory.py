@@ -15,17 +15,20 @@ saturating counters) is halved every ``10 x capacity`` increments so that popula
 from __future__ import annotations
 
 import itertools
+import struct
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
+from . import entry as entries
 from .entry import Entry
 
 Key = bytes  # a cache_key digest (32 bytes)
 _WINDOW_SHARE = 0.01
 _PROTECTED_SHARE = 0.8
 _COUNTER_MAX = 15
+_FOUR_WORDS = struct.Struct("<4I")
+_HALVED = bytes(c >> 1 for c in range(256))  # the four row hashes: the digest's first 16 bytes
 
 
 class FrequencySketch:
@@ -40,12 +43,12 @@ class FrequencySketch:
         self.increments = 0
         self.reset_at = 10 * max(expected_entries, 16)
 
-    def _slots(self, key: Key) -> list[int]:
+    def _slots(self, key: Key) -> tuple[int, ...]:
         mask = self.mask
-        return [int.from_bytes(key[i : i + 4], "little") & mask for i in (0, 4, 8, 12)]
+        return tuple(word & mask for word in _FOUR_WORDS.unpack_from(key))
 
     def increment(self, key: Key) -> None:
-        for row, slot in zip(self.rows, self._slots(key), strict=True):
+        for row, slot in zip(self.rows, self._slots(key)):  # noqa: B905 - four rows, four slots
             if row[slot] < _COUNTER_MAX:
                 row[slot] += 1
         self.increments += 1
@@ -53,17 +56,54 @@ class FrequencySketch:
             self._age()
 
     def estimate(self, key: Key) -> int:
-        return min(row[slot] for row, slot in zip(self.rows, self._slots(key), strict=True))
+        return min(row[slot] for row, slot in zip(self.rows, self._slots(key)))  # noqa: B905 - as above
 
     def _age(self) -> None:
+        # In C (bytes.translate), not a Python loop over every counter: 4 rows of up to 256k counters would
+        # stall the event loop for about 0.1 s every ``reset_at`` lookups.
         self.increments //= 2
-        self.rows = [bytearray(c >> 1 for c in row) for row in self.rows]
+        self.rows = [bytearray(row.translate(_HALVED)) for row in self.rows]
 
 
-@dataclass(slots=True)
-class _Node:
-    entry: Entry
-    model: str
+# A stored answer is one bytes object (the shared tier's byte form behind a small prefix), never a graph of
+# objects: bytes are invisible to CPython's cyclic collector. Objects per answer would be walked by every
+# full collection (with 500k answers a 0.3 s pause of the whole process: data path, probes and all) and,
+# as each new answer survives into the oldest generation, they would also make full collections frequent.
+# An Entry is built again on a read (a few us), except for the answers read most recently, whose Entry is
+# kept (a small, bounded number of objects).
+#   node: <f64 expires_at><u64 size><u16 len(model)><model, UTF-8><entry.encode(response, stored_at)>
+_Node = bytes
+_PREFIX = struct.Struct("<dQH")
+_EXPIRES_AT = struct.Struct("<d")
+_SIZE_AT = struct.Struct("<Q")
+_THAWED_MAX = 128
+
+
+def _freeze(model: str, entry: Entry) -> _Node:
+    name = model.encode()
+    return b"".join([_PREFIX.pack(entry.expires_at, entry.size, len(name)), name,
+                     entries.encode(entry.response, entry.stored_at)])
+
+
+def _thaw(node: _Node) -> Entry:
+    expires_at, size, n = _PREFIX.unpack_from(node)
+    response, stored_at = entries.decode(node[_PREFIX.size + n :])
+    return Entry(response, stored_at, expires_at, size)
+
+
+def _expires(node: _Node) -> float:
+    value: float = _EXPIRES_AT.unpack_from(node)[0]
+    return value
+
+
+def _size(node: _Node) -> int:
+    value: int = _SIZE_AT.unpack_from(node, 8)[0]
+    return value
+
+
+def _model(node: _Node) -> str:
+    n = node[16] | node[17] << 8
+    return node[_PREFIX.size : _PREFIX.size + n].decode()
 
 
 class MemoryTier:
@@ -80,6 +120,10 @@ class MemoryTier:
         self.bytes = {"window": 0, "probation": 0, "protected": 0}
         self.evictions = 0
         self.rejections = 0
+        # Recently read answers as objects: key -> (the node it was built from, its Entry).
+        self._thawed: dict[Key, tuple[_Node, Entry]] = {}
+        # model -> [entries, bytes], kept as answers come and go: metrics scrapes never walk the tier.
+        self._models: dict[str, list[int]] = {}
 
     def __repr__(self) -> str:
         return f"<MemoryTier {len(self)} entries, {self.used}/{self.max_bytes} bytes>"
@@ -101,13 +145,24 @@ class MemoryTier:
             node = segment.get(key)
             if node is None:
                 continue
-            if node.entry.expires_at + stale_for <= self.clock():
+            if _expires(node) + stale_for <= self.clock():
                 return None
             if name == "probation":
                 self._promote(key, node)
             else:
                 segment.move_to_end(key)
-            return node.entry
+            thawed = self._thawed.get(key)
+            if thawed is not None and thawed[0] is node:
+                return thawed[1]
+            try:
+                entry = _thaw(node)
+            except ValueError:  # what put() wrote always reads back; should it not, it is a miss
+                self.remove(key)
+                return None
+            if len(self._thawed) >= _THAWED_MAX:
+                self._thawed.clear()
+            self._thawed[key] = (node, entry)
+            return entry
         return None
 
     # -- writes --------------------------------------------------------------------------------------
@@ -117,39 +172,67 @@ class MemoryTier:
         if entry.size > self.max_bytes:
             return False
         self.remove(key)
-        self.window[key] = _Node(entry, model)
+        node = _freeze(model, entry)
+        self.window[key] = node
         self.bytes["window"] += entry.size
+        self._count(node, 1)
         while self.bytes["window"] > self.window_max and self.window:
             candidate_key, candidate = self.window.popitem(last=False)
-            self.bytes["window"] -= candidate.entry.size
-            self._admit(candidate_key, candidate)
+            self.bytes["window"] -= _size(candidate)
+            if not self._admit(candidate_key, candidate):
+                self._gone(candidate_key, candidate)
         return key in self.window or key in self.probation or key in self.protected
 
     def remove(self, key: Key) -> None:
         for name, segment in (("window", self.window), ("probation", self.probation), ("protected", self.protected)):
             node = segment.pop(key, None)
             if node is not None:
-                self.bytes[name] -= node.entry.size
+                self.bytes[name] -= _size(node)
+                self._gone(key, node)
                 return
 
     def flush(self, model: str | None = None) -> int:
         """Forget every entry (of one model); returns how many."""
+        if model is not None and model not in self._models:
+            return 0
+        self._thawed.clear()
         gone = 0
         for name, segment in (("window", self.window), ("probation", self.probation), ("protected", self.protected)):
-            for key in [k for k, n in segment.items() if model is None or n.model == model]:
+            for key in [k for k, n in segment.items() if model is None or _model(n) == model]:
                 node = segment.pop(key)
-                self.bytes[name] -= node.entry.size
+                self.bytes[name] -= _size(node)
+                self._count(node, -1)
                 gone += 1
         return gone
 
     def entries_by_model(self) -> dict[str, tuple[int, int]]:
         """model -> (entries, bytes), for metrics and /status."""
+        return {model: (n, b) for model, (n, b) in self._models.items()}
+
+    def accounted(self) -> dict[str, tuple[int, int]]:
+        """``entries_by_model()`` counted afresh from the entries held (the tier keeps it incrementally; tests
+        check that the two agree, and that their bytes add up to ``used``)."""
         out: dict[str, tuple[int, int]] = {}
         for segment in (self.window, self.probation, self.protected):
             for node in segment.values():
-                n, b = out.get(node.model, (0, 0))
-                out[node.model] = (n + 1, b + node.entry.size)
+                n, b = out.get(_model(node), (0, 0))
+                out[_model(node)] = (n + 1, b + _size(node))
         return out
+
+    def _count(self, node: _Node, sign: int) -> None:
+        model = _model(node)
+        counts = self._models.get(model)
+        if counts is None:
+            counts = self._models[model] = [0, 0]
+        counts[0] += sign
+        counts[1] += sign * _size(node)
+        if counts[0] == 0:
+            del self._models[model]
+
+    def _gone(self, key: Key, node: _Node) -> None:
+        """``node`` left the tier (removed, evicted or refused admission)."""
+        self._thawed.pop(key, None)
+        self._count(node, -1)
 
     # -- policy --------------------------------------------------------------------------------------
 
@@ -159,7 +242,7 @@ class MemoryTier:
     def _admit(self, key: Key, node: _Node) -> bool:
         """Move a window evictee into probation if the main space has room or it out-ranks the victims."""
         main_max = self.max_bytes - self.window_max
-        need = self._main_bytes() + node.entry.size - main_max
+        need = self._main_bytes() + _size(node) - main_max
         if need > 0:
             frequency = self.sketch.estimate(key)
             victims: list[Key] = []
@@ -169,7 +252,7 @@ class MemoryTier:
                     break
                 if self._expired(victim) or self.sketch.estimate(victim_key) < frequency:
                     victims.append(victim_key)
-                    freed += victim.entry.size
+                    freed += _size(victim)
                 else:
                     self.rejections += 1
                     return False  # a victim at least as popular stays; the newcomer goes
@@ -180,7 +263,7 @@ class MemoryTier:
                 self.remove(victim_key)
                 self.evictions += 1
         self.probation[key] = node
-        self.bytes["probation"] += node.entry.size
+        self.bytes["probation"] += _size(node)
         return True
 
     def _victims(self) -> Iterator[tuple[Key, _Node]]:
@@ -189,14 +272,16 @@ class MemoryTier:
 
     def _promote(self, key: Key, node: _Node) -> None:
         del self.probation[key]
-        self.bytes["probation"] -= node.entry.size
+        size = _size(node)
+        self.bytes["probation"] -= size
         self.protected[key] = node
-        self.bytes["protected"] += node.entry.size
+        self.bytes["protected"] += size
         while self.bytes["protected"] > self.protected_max and len(self.protected) > 1:
             demoted_key, demoted = self.protected.popitem(last=False)
-            self.bytes["protected"] -= demoted.entry.size
+            demoted_size = _size(demoted)
+            self.bytes["protected"] -= demoted_size
             self.probation[demoted_key] = demoted
-            self.bytes["probation"] += demoted.entry.size
+            self.bytes["probation"] += demoted_size
 
     def _expired(self, node: _Node) -> bool:
-        return node.entry.expires_at <= self.clock()
+        return _expires(node) <= self.clock()

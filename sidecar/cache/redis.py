@@ -61,6 +61,10 @@ class Breaker:
         self.probing = True  # one probe at a time decides
         return True
 
+    def release(self) -> None:
+        """The probe ended without an outcome (its caller left): the next call may probe."""
+        self.probing = False
+
     def success(self) -> None:
         if self.open_until:
             log.info("Redis cache tier reachable again; breaker closed")
@@ -97,19 +101,25 @@ class RedisTier:
         self._wake = asyncio.Event()
         self.dropped_writes = 0
         self.epochs: dict[str, int] = {}
+        self.fleet_epoch = 0  # bumped by a flush of every model, on any replica
 
     def __repr__(self) -> str:
         return f"<RedisTier {self.breaker!r} pending_writes={len(self._writes)}>"
 
+    def epoch(self, model: str) -> tuple[int, int]:
+        """What the fleet has flushed of ``model``: (flushes of every model, flushes of this one)."""
+        return self.fleet_epoch, self.epochs.get(model, 0)
+
     def key(self, model: str, versions: str, digest: bytes) -> bytes:
-        generation = hashlib.blake2b(f"{model}\n{versions}\n{self.epochs.get(model, 0)}".encode(),
-                                     digest_size=8).hexdigest()
+        every, own = self.epoch(model)
+        generation = hashlib.blake2b(f"{model}\n{versions}\n{own}\n{every}".encode(), digest_size=8).hexdigest()
         return f"{self.namespace}:c:{generation}:".encode() + digest.hex().encode()
 
     async def get(self, key: bytes) -> bytes | None:
         """The stored bytes, or None on a miss, a failure, a timeout or an open breaker."""
         if not self.breaker.allow():
             return None
+        probe = self.breaker.probing  # this read decides whether the breaker closes
         try:
             async with asyncio.timeout(self.timeout):
                 data = await self.client.get(key)
@@ -119,6 +129,12 @@ class RedisTier:
         except (RedisError, OSError):
             self._failed("error")
             return None
+        except asyncio.CancelledError:
+            # The caller left mid-read. Without an outcome the probe would never end, and the breaker would
+            # stay open (half-open, no probe allowed) for as long as the process lives.
+            if probe:
+                self.breaker.release()
+            raise
         self.breaker.success()
         return data if isinstance(data, bytes) else None
 
@@ -134,55 +150,75 @@ class RedisTier:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while self._writes:
-                batch = [self._writes.popleft() for _ in range(min(len(self._writes), 64))]
-                if not self.breaker.allow():
-                    self.dropped_writes += len(batch)
-                    continue
-                try:
-                    async with asyncio.timeout(max(self.timeout * 10, 0.1)):
-                        async with self.client.pipeline(transaction=False) as pipe:
-                            for key, data, ttl_ms in batch:
-                                pipe.set(key, data, px=ttl_ms)
-                            await pipe.execute()
-                except (TimeoutError, RedisError, OSError):
-                    self._failed("write")
-                    self.dropped_writes += len(batch)
-                else:
-                    self.breaker.success()
+            await self._drain()
+
+    async def _drain(self) -> None:
+        while self._writes:
+            batch = [self._writes.popleft() for _ in range(min(len(self._writes), 64))]
+            if not self.breaker.allow():
+                self.dropped_writes += len(batch)
+                continue
+            try:
+                async with asyncio.timeout(max(self.timeout * 10, 0.1)):
+                    async with self.client.pipeline(transaction=False) as pipe:
+                        for key, data, ttl_ms in batch:
+                            pipe.set(key, data, px=ttl_ms)
+                        await pipe.execute()
+            except (TimeoutError, RedisError, OSError):
+                self._failed("write")
+                self.dropped_writes += len(batch)
+            else:
+                self.breaker.success()
 
     async def refresh_epochs(self, models: Iterable[str]) -> None:
-        """Read the fleet-wide epoch of each model (best effort: on failure the known ones stay)."""
+        """Read the fleet-wide epochs: every model's and each of ``models``' (best effort: on failure the
+        known ones stay)."""
         names = sorted(set(models))
-        if not names or not self.breaker.allow():
+        if not self.breaker.allow():
             return
         try:
             async with asyncio.timeout(max(self.timeout * 10, 0.1)):
-                values = await self.client.mget([self._epoch_key(m) for m in names])
+                values = await self.client.mget([self._epoch_key(None), *(self._epoch_key(m) for m in names)])
         except (TimeoutError, RedisError, OSError):
             self._failed("epoch")
             return
         self.breaker.success()
-        for model, value in zip(names, values, strict=True):
+        with contextlib.suppress(TypeError, ValueError):
+            self.fleet_epoch = int(values[0] or 0)
+        for model, value in zip(names, values[1:], strict=True):
             with contextlib.suppress(TypeError, ValueError):
                 self.epochs[model] = int(value or 0)
 
-    async def bump_epoch(self, model: str) -> None:
-        """Make every replica's entries of ``model`` unreachable (they read the new epoch soon)."""
+    async def bump_epoch(self, model: str | None) -> None:
+        """Make every replica's entries of ``model`` (of every model: None) unreachable; they read the new
+        epoch at their next refresh. A flush of every model is one key, so it reaches models this replica
+        has never served."""
         try:
             async with asyncio.timeout(max(self.timeout * 20, 0.2)):
-                self.epochs[model] = int(await self.client.incr(self._epoch_key(model)))
+                epoch = int(await self.client.incr(self._epoch_key(model)))
         except (TimeoutError, RedisError, OSError):
             self._failed("epoch")
-            self.epochs[model] = self.epochs.get(model, 0) + 1  # at least this replica moves on
+            epoch = (self.fleet_epoch if model is None else self.epochs.get(model, 0)) + 1  # at least here
+        if model is None:
+            self.fleet_epoch = epoch
+        else:
+            self.epochs[model] = epoch
 
-    def _epoch_key(self, model: str) -> bytes:
-        return f"{self.namespace}:e:".encode() + model.encode()
+    def _epoch_key(self, model: str | None) -> bytes:
+        # ":E" cannot collide with a model's ":e:<name>".
+        return f"{self.namespace}:E".encode() if model is None else f"{self.namespace}:e:".encode() + model.encode()
 
     def _failed(self, kind: str) -> None:
         self.errors[kind] = self.errors.get(kind, 0) + 1
         self.breaker.failure()
 
-    async def close(self) -> None:
+    async def close(self, grace: float = 1.0) -> None:
+        """Write what is still queued (for at most ``grace`` seconds: answers a draining pod computed are
+        worth keeping for the fleet), then disconnect."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace):
+                await self._drain()
+        self.dropped_writes += len(self._writes)
+        self._writes.clear()
         with contextlib.suppress(RedisError, OSError):
             await self.client.aclose()
