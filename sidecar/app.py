@@ -117,7 +117,7 @@ class Sidecar:
         # The gRPC data port: the same pipeline, state machine and per-model load as the HTTP one.
         self.grpc = GrpcFront(cfg, self.pipeline, self.grpc_upstream, self.machine, self.metrics, self.catalog,
                               self.monitor, self.http.mesh.load, on_upstream_down=self.monitor.poke,
-                              on_model_reload=self.flush_cache) if cfg.grpc_listen else None
+                              on_model_reload=self.flush_cache, book=self.book) if cfg.grpc_listen else None
         self.metrics.in_flight.set_function(lambda: self.http.in_flight + (self.grpc.in_flight if self.grpc else 0))
         load = self.http.mesh.load
         self.metrics.watch_load(lambda: load.in_flight, load.rates,

@@ -15,9 +15,12 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import orjson
 import pytest
+from tritonclient.grpc import service_pb2
 
+from sidecar.protogen.grpc.health.v1 import health_pb2
 from sidecar.warmup import payload
 from sidecar.warmup.store import Sample, StoreLimits, open_store
 from tests.servers import TritonServer, wait_until
@@ -80,6 +83,17 @@ def model_ready_status(proc: SidecarProcess, model: str) -> int:
     return exchange(proc.url, "GET", f"/v2/models/{model}/ready", timeout=60).status
 
 
+def grpc_model_ready(proc: SidecarProcess, model: str) -> tuple[bool, int]:
+    """(KServe ModelReady, grpc.health.v1 status) for ``model`` on the sidecar's gRPC port."""
+    with grpc.insecure_channel(proc.grpc_url) as channel:
+        ready = channel.unary_unary("/inference.GRPCInferenceService/ModelReady")(
+            service_pb2.ModelReadyRequest(name=model).SerializeToString(), timeout=60)
+        health = channel.unary_unary("/grpc.health.v1.Health/Check")(
+            health_pb2.HealthCheckRequest(service=model).SerializeToString(), timeout=10)
+    return (service_pb2.ModelReadyResponse.FromString(ready).ready,
+            int(health_pb2.HealthCheckResponse.FromString(health).status))
+
+
 def index_states(triton: TritonServer) -> dict[str, str]:
     entries = orjson.loads(exchange(triton.url, "POST", "/v2/repository/index").body)
     return {e["name"]: e.get("state", "") for e in entries}
@@ -99,8 +113,13 @@ def test_models_load_and_warm_by_share_and_the_pod_is_ready_at_the_threshold(
         # load in progress is done, so these may take as long as m_third's load.)
         assert model_ready_status(proc, "m_top") == 200
         assert model_ready_status(proc, "m_third") == 400
+        serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+        assert grpc_model_ready(proc, "m_top") == (True, serving)  # the same view on the gRPC port
+        if models(proc)["m_third"]["state"] != "warm":
+            assert grpc_model_ready(proc, "m_third") == (False, not_serving)
         wait_until(lambda: models(proc)["m_third"]["state"] == "warm", 120, "the rest warmed behind")
         assert model_ready_status(proc, "m_third") == 200
+        assert grpc_model_ready(proc, "m_third") == (True, serving)
         final = models(proc)
         # Loaded in order of share: each model's load began after the one above it had warmed.
         starts = [final[m]["since"] for m in SHARES]

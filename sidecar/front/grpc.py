@@ -19,6 +19,7 @@ import grpc.aio
 from ..config import Config
 from ..errors import ConfigError
 from ..health import UpstreamMonitor
+from ..loading.book import ModelBook
 from ..mesh.load import LoadTracker
 from ..metrics import Metrics
 from ..pipeline.stage import Next
@@ -39,11 +40,14 @@ class GrpcFront:
     def __init__(self, cfg: Config, pipeline: Next, upstream: GrpcUpstream, machine: StateMachine, metrics: Metrics,
                  catalog: ModelCatalog, monitor: UpstreamMonitor, load: LoadTracker,
                  on_upstream_down: Callable[[], None] | None = None,
-                 on_model_reload: Callable[[str], Coroutine[Any, Any, object]] | None = None) -> None:
+                 on_model_reload: Callable[[str], Coroutine[Any, Any, object]] | None = None,
+                 book: ModelBook | None = None) -> None:
         self.cfg = cfg
         self.edge = Edge(cfg, pipeline, upstream, machine, metrics, load, on_upstream_down)
-        self.health = HealthService(machine, monitor, metrics, cfg.upstream.models)
+        # Per-model readiness (the model book) for ModelReady and the health service's model names.
+        self.health = HealthService(machine, monitor, metrics, cfg.upstream.models, book)
         self.kserve = KServeService(self.edge, catalog, metrics, on_model_reload)
+        self.kserve.book = book
         self.tfserving = TfServingService(self.edge, metrics)
         self.server: Any = None
 

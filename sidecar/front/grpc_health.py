@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Iterable
 import grpc
 
 from ..health import UpstreamMonitor
+from ..loading.book import ModelBook
 from ..metrics import Metrics
 from ..protogen.grpc.health.v1 import health_pb2
 from ..state import State, StateMachine
@@ -37,8 +38,9 @@ _LIST_MAX = 100  # the protocol's bound on List's answer
 
 class HealthService:
     def __init__(self, machine: StateMachine, monitor: UpstreamMonitor, metrics: Metrics,
-                 configured_models: Iterable[str] = ()) -> None:
+                 configured_models: Iterable[str] = (), book: ModelBook | None = None) -> None:
         self.machine = machine
+        self.book = book or ModelBook()
         self.monitor = monitor
         self.metrics = metrics
         self.known: set[str] = set(configured_models)
@@ -46,6 +48,7 @@ class HealthService:
         self._wake = asyncio.Event()
         self._closing = False
         machine.subscribe(lambda _state: self._notify())
+        self.book.subscribe(self._notify)
         monitor.subscribe(self._observe_loaded, lambda: None)
 
     def __repr__(self) -> str:
@@ -70,6 +73,9 @@ class HealthService:
             return SERVING if ready else NOT_SERVING
         if service == "liveness":
             return NOT_SERVING if self.machine.state is State.DRAINING else SERVING
+        tracked = self.book.ready(service)  # a model the sidecar tracks follows its own state
+        if tracked is not None:
+            return SERVING if tracked else NOT_SERVING
         loaded = self.monitor.loaded or frozenset()
         if any(model == service for model, _ in loaded):
             return SERVING if ready else NOT_SERVING

@@ -17,6 +17,7 @@ from google.protobuf.message import DecodeError as ProtobufDecodeError
 from tritonclient.grpc import service_pb2
 
 from ..errors import DecodeError
+from ..loading.book import ModelBook
 from ..metrics import Metrics
 from ..protocols import kserve_grpc
 from ..protocols.request import InferenceRequest, Protocol
@@ -40,6 +41,7 @@ def method_label(name: str) -> str:
 
 class KServeService:
     def __init__(self, edge: Edge, catalog: ModelCatalog, metrics: Metrics, on_model_reload: OnReload | None) -> None:
+        self.book: ModelBook | None = None  # per-model readiness, when the composition root provides it
         self.edge = edge
         self.catalog = catalog
         self.metrics = metrics
@@ -84,6 +86,14 @@ class KServeService:
 
     # -- readiness from the state machine -----------------------------------------------------------------
 
+    def _model_ready(self, message: bytes) -> bool:
+        try:
+            name = service_pb2.ModelReadyRequest.FromString(message).name
+        except ProtobufDecodeError:
+            return self.edge.machine.ready  # the server answers a malformed request its own way
+        tracked = self.book.ready(name) if self.book is not None else None
+        return self.edge.machine.ready if tracked is None else tracked
+
     async def server_ready(self, message: bytes, context: Context, rpc: Rpc) -> bytes:
         if not self.edge.machine.ready:
             rpc.status = 200
@@ -92,7 +102,8 @@ class KServeService:
         return await self.edge.relay(f"/{SERVICE}/ServerReady", message, context, rpc)
 
     async def model_ready(self, message: bytes, context: Context, rpc: Rpc) -> bytes:
-        if not self.edge.machine.ready:
+        """A model the sidecar tracks follows its own state (warm or not), others the pod's."""
+        if not self._model_ready(message):
             rpc.status = 200
             await self.edge.send_metadata(context, rpc)
             return _NOT_READY

@@ -44,6 +44,7 @@ class ModelBook:
         self.models: dict[str, ModelEntry] = {}
         self._changed = asyncio.Event()
         self._wanted: list[str] = []  # models callers wait for, most recent first
+        self._listeners: list[Callable[[], None]] = []
 
     def __repr__(self) -> str:
         warm = sum(e.state is ModelState.WARM for e in self.models.values())
@@ -120,9 +121,15 @@ class ModelBook:
                 return predicate()
         return True
 
+    def subscribe(self, listener: Callable[[], None]) -> None:
+        """``listener()`` after every change (gRPC health watchers wake on it)."""
+        self._listeners.append(listener)
+
     def _wake(self) -> None:
         self._changed.set()
         self._changed = asyncio.Event()
+        for listener in self._listeners:
+            listener()
 
     def report(self) -> dict[str, dict[str, object]]:
         """For /status: each model's share, state, since when, and time to warm."""
