@@ -361,8 +361,9 @@ class BatchConfig:
                       _non_negative),
     )
     max_delay: float = field(
-        default=0.01, metadata=_key("seconds a call may wait for its batch, even while the server stays busy",
-                                    _positive),
+        default=0.5,
+        metadata=_key("seconds a call may wait for its batch while the server stays busy; past it the batch goes "
+                      "anyway (a safety valve: waits normally end when a batch in flight completes)", _positive),
     )
     target_latency: float = field(
         default=0.0,

@@ -174,8 +174,9 @@ class Batcher:
             if model.in_flight >= model.max_concurrent and not (force or overdue):
                 break
             members = self._take(model, oldest.signature)
+            within = model.in_flight < model.max_concurrent  # an overdue batch's latency includes queueing
             model.in_flight += 1
-            task = loop.create_task(self._run(model, members, next))
+            task = loop.create_task(self._run(model, members, next, within))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
             force = False
@@ -214,20 +215,20 @@ class Batcher:
         if model.pending:
             self._dispatch(model, next)
 
-    async def _run(self, model: _Model, members: list[_Member], next: Next) -> None:
+    async def _run(self, model: _Model, members: list[_Member], next: Next, learn: bool) -> None:
         """One batch (or one member alone) upstream; every member's future settled exactly once."""
         loop = asyncio.get_running_loop()
         waited = [loop.time() - m.enqueued for m in members]
         try:
             if len(members) == 1:
-                await self._run_alone(model, members[0], next, waited[0])
+                await self._run_alone(model, members[0], next, waited[0], learn)
             else:
-                await self._run_merged(model, members, next, waited)
+                await self._run_merged(model, members, next, waited, learn)
         finally:
             model.in_flight -= 1
             self._dispatch(model, next)
 
-    async def _run_alone(self, model: _Model, member: _Member, next: Next, waited: float) -> None:
+    async def _run_alone(self, model: _Model, member: _Member, next: Next, waited: float, learn: bool) -> None:
         started = time.perf_counter()
         try:
             reply = await next(member.call)
@@ -235,11 +236,13 @@ class Batcher:
             _settle(member, error=e)
             return
         if reply.ok:
-            self.latency.observe(model.name, member.rows, time.perf_counter() - started)
+            if learn:
+                self.latency.observe(model.name, member.rows, time.perf_counter() - started)
             self._report(model, member.call.request, member.rows, waited)
         _settle(member, reply=reply)
 
-    async def _run_merged(self, model: _Model, members: list[_Member], next: Next, waited: list[float]) -> None:
+    async def _run_merged(self, model: _Model, members: list[_Member], next: Next, waited: list[float],
+                          learn: bool) -> None:
         merged_request = merge([m.call.request for m in members])
         deadline = min(m.call.deadline for m in members)
         self._sequence += 1
@@ -260,7 +263,8 @@ class Batcher:
             except (DecodeError, ValueError):
                 parts = None
             if parts is not None:
-                self.latency.observe(model.name, total, time.perf_counter() - started)
+                if learn:
+                    self.latency.observe(model.name, total, time.perf_counter() - started)
                 self._report(model, merged_request, total, max(waited))
                 for m, part in zip(members, parts, strict=True):
                     _settle(m, reply=Reply(200, response=part, source="batch"))
