@@ -1,8 +1,9 @@
 """Replays a warm-up plan until latency has converged: readiness is earned, not timed.
 
-A pass sends every planned call once (``concurrency`` at a time, models in plan order).
-A (model, shape) group is converged when its last two passes' latencies (the slowest call
-of the group in each pass) are within ``convergence_ratio`` of each other, both ways. A
+The first pass sends every planned call once (``concurrency`` at a time, models in plan order);
+later passes measure the groups not yet converged on a sample of their calls. A (model, shape)
+group is converged when its last two passes' latencies (the slowest call of a small group, the
+90th percentile of a large one) are within ``convergence_ratio`` of each other, both ways. A
 call the server refuses is reported and dropped from later passes, never retried forever.
 """
 
@@ -101,7 +102,11 @@ class Replayer:
     async def _passes(self, calls: list[PlannedCall], report: WarmupReport, limit: int | None) -> None:
         live = list(calls)
         while live and (limit is None or report.passes < limit):
-            latencies = await self._one_pass(live, report)
+            # The first pass replays everything (every shape runs once; the cache fills); later passes only
+            # measure the groups not yet converged, on a sample of each: 1,000 recorded calls of one shape
+            # need not run 1,000 times a pass to show their latency has settled.
+            this_pass = live if report.passes == 0 else _sample(live, report)
+            latencies = await self._one_pass(this_pass, report)
             report.passes += 1
             failed = {id(c) for c, lat in latencies if lat is None}
             live = [c for c in live if id(c) not in failed]
@@ -155,13 +160,13 @@ class Replayer:
                     call.kind, why)
 
     def _record_pass(self, report: WarmupReport, latencies: list[tuple[PlannedCall, float | None]]) -> None:
-        slowest: dict[tuple[str, str], float] = {}
+        seen: dict[tuple[str, str], list[float]] = {}
         for call, latency in latencies:
             if latency is not None:
-                key = (call.model, call.shape)
-                slowest[key] = max(slowest.get(key, 0.0), latency)
+                seen.setdefault((call.model, call.shape), []).append(latency)
         ratio = self.cfg.convergence_ratio
-        for key, latency in slowest.items():
+        for key, values in seen.items():
+            latency = _group_latency(values)
             group = report.groups[key]
             group.passes.append(latency)
             if len(group.passes) >= 2:
@@ -170,6 +175,31 @@ class Replayer:
                 # dominates and the two passes count as equal.
                 low, high = min(prev, last), max(prev, last)
                 group.converged = high <= ratio * low or high - low <= _NOISE_FLOOR
+
+
+_SAMPLE = 16  # calls per group replayed by a measuring pass
+
+
+def _sample(live: list[PlannedCall], report: WarmupReport) -> list[PlannedCall]:
+    """The first calls (the most frequent) of every group not yet converged, at most _SAMPLE each."""
+    taken: dict[tuple[str, str], int] = {}
+    chosen = []
+    for call in live:
+        key = (call.model, call.shape)
+        if report.groups[key].converged or taken.get(key, 0) >= _SAMPLE:
+            continue
+        taken[key] = taken.get(key, 0) + 1
+        chosen.append(call)
+    return chosen
+
+
+def _group_latency(values: list[float]) -> float:
+    """A pass's latency for a group: its slowest call when it has a few, else its 90th percentile (the
+    slowest of hundreds is scheduling noise, and would keep a group from ever converging)."""
+    if len(values) <= 4:
+        return max(values)
+    ordered = sorted(values)
+    return ordered[int(0.9 * (len(ordered) - 1))]
 
 
 def _progress(report: WarmupReport) -> float:

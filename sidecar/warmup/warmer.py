@@ -11,6 +11,7 @@ Holds the last plan and report for the /status page and `sidecar plan`.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -57,6 +58,7 @@ class Warmer:
         self.runs = 0
         self.managing = False  # whether the sidecar loads models itself (explicit mode)
         self.loading = 0  # repository loads the sidecar has in flight
+        self._loads: dict[str, asyncio.Task[bool]] = {}  # loads in flight, one per model
         self.protocol = "triton"
         self.loaded: Callable[[], frozenset[tuple[str, str]] | None] = lambda: None  # the monitor's view
 
@@ -133,6 +135,10 @@ class Warmer:
             self._done = done
             name = self.book.next_wanted(pending) or pending[0]
             pending.remove(name)
+            if not ready and pending:
+                # Until the pod is ready, the next model loads while this one warms: a load is mostly a new
+                # process importing its framework, a warm-up mostly compiling, so the two share the cores well.
+                self._prefetch(pending[0])
             report = await self.warm_model(name, background=ready)
             if report is not None:
                 merged.groups.update(report.groups)
@@ -162,24 +168,8 @@ class Warmer:
 
     async def warm_model(self, name: str, background: bool = False) -> WarmupReport | None:
         """Load ``name`` if the sidecar manages loading and it is not loaded, then replay its plan."""
-        entry = self.book.models.get(name)
-        if entry is not None and entry.state is ModelState.UNLOADED:
-            if not self.managing:
-                return None
-            self.book.set(name, ModelState.LOADING)
-            self.loading += 1
-            try:
-                why = await self.repository.load(name)
-            finally:
-                self.loading -= 1
-            if why:
-                log.warning("loading model %s failed: %s", name, why)
-                self.book.set(name, ModelState.FAILED, why)
-                return None
-            self.book.models[name].loaded_by_sidecar = True
-            self.catalog.forget(name)
-            # Its configuration (max batch size, so the shape sweep) can only be read now it is loaded.
-            await self.rebuild_model_plan(self.protocol, name)
+        if not await self._loaded(name):
+            return None
         self.book.set(name, ModelState.WARMING)
         model_plan = next((mp for mp in self.plan.models if mp.model == name), None)
         concurrency = self.cfg.warmup.background_concurrency if background else None
@@ -190,6 +180,45 @@ class Warmer:
         else:  # required and not reached: the model stays not ready, as the pod does
             self.book.set(name, ModelState.WARMING, report.reason)
         return report
+
+    def _prefetch(self, name: str) -> None:
+        entry = self.book.models.get(name)
+        if self.managing and entry is not None and entry.state is ModelState.UNLOADED and name not in self._loads:
+            self._loads[name] = asyncio.get_running_loop().create_task(self._load(name))
+
+    async def _loaded(self, name: str) -> bool:
+        """Whether ``name`` is loaded now, loading it first (or waiting for its prefetched load) if need be."""
+        task = self._loads.get(name)
+        if task is None:
+            entry = self.book.models.get(name)
+            if entry is None or entry.state is not ModelState.UNLOADED:
+                return True
+            if not self.managing:
+                return False
+            task = self._loads[name] = asyncio.get_running_loop().create_task(self._load(name))
+        try:
+            return await asyncio.shield(task)
+        finally:
+            if task.done():
+                self._loads.pop(name, None)
+
+    async def _load(self, name: str) -> bool:
+        self.book.set(name, ModelState.LOADING)
+        self.loading += 1
+        try:
+            why = await self.repository.load(name)
+        finally:
+            self.loading -= 1
+        if why:
+            log.warning("loading model %s failed: %s", name, why)
+            self.book.set(name, ModelState.FAILED, why)
+            return False
+        self.book.models[name].loaded_by_sidecar = True
+        self.book.set(name, ModelState.QUEUED)
+        self.catalog.forget(name)
+        # Its configuration (max batch size, so the shape sweep) can only be read now it is loaded.
+        await self.rebuild_model_plan(self.protocol, name)
+        return True
 
     async def rebuild_model_plan(self, protocol: str, name: str) -> None:
         """A model loaded again on demand: its plan from what the store holds now."""
