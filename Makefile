@@ -7,7 +7,7 @@ STAMPS := .stamps
 APT_PACKAGES := redis-server haproxy nginx wrk libpython3.11
 APT_PROBE := redis-server haproxy nginx wrk
 
-.PHONY: test lint unit demo bench setup servers clean
+.PHONY: test lint unit demo bench bench-headline setup servers clean
 
 test: setup lint
 	$(PY) -m pytest -q -p no:cacheprovider
@@ -27,6 +27,11 @@ demo: setup
 bench: setup
 	$(PY) bench/proxy_overhead.py
 	$(PY) bench/cold_start.py
+
+# The headline table (docs/benchmarks.md, "Headline"); about 10 minutes. HEADLINE_ARGS=--seconds 5 for a smoke run.
+HEADLINE_ARGS ?=
+bench-headline: setup
+	$(PY) bench/headline.py $(HEADLINE_ARGS)
 
 $(STAMPS)/apt:
 	@mkdir -p $(STAMPS)

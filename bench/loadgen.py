@@ -44,11 +44,21 @@ def run_wrk(url: str, body: bytes, connections: int = 16, seconds: float = 10, t
             'wrk.headers["Content-Type"] = "application/json"\n'
             f'local f = io.open("{body_file}", "rb"); wrk.body = f:read("*a"); f:close()\n'
         )
-        out = subprocess.run(
-            ["wrk", f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency",
-             "-s", str(script), url],
-            capture_output=True, text=True, check=True,
-        ).stdout
+        return run_wrk_script(url, script, connections, seconds, threads)
+
+
+def run_wrk_script(url: str, script: Path, connections: int = 16, seconds: float = 10, threads: int = 1,
+                   timeout: float | None = None) -> WrkResult:
+    """wrk driven by a Lua ``script`` against ``url``; ``timeout``: wrk's per-request timeout (default 2 s)."""
+    command = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency"]
+    if timeout is not None:
+        command.append(f"--timeout={max(1, round(timeout))}s")
+    out = subprocess.run([*command, "-s", str(script), url], capture_output=True, text=True, check=True).stdout
+    return parse_wrk(out)
+
+
+def parse_wrk(out: str) -> WrkResult:
+    """Throughput, p50/p99 and errors (non-2xx answers plus socket errors) from wrk's --latency report."""
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     p50 = _seconds(re.search(r"\s50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
     p99 = _seconds(re.search(r"\s99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]

