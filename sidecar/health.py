@@ -180,6 +180,7 @@ class UpstreamMonitor:
         if health is not Health.READY:
             self.loaded = None  # a restarted server is cold anyway: what it loads next is not "new"
             self._lost = self._lost or self._seen_ready
+            self.client.pool.drop_idle()  # a stopping server waits for open connections before it exits
         else:
             self._seen_ready = True
             if self._lost:

@@ -114,6 +114,23 @@ def test_sigterm_fails_readiness_at_once_and_serves_through_the_delay(triton: Tr
         proc.stop()
 
 
+def test_a_stopping_model_server_is_not_ready_at_once_and_can_exit(tmp_path: Path) -> None:
+    """Triton, on SIGTERM, refuses new connections but answers "ready" on open ones for up to its exit
+    timeout (30 s), and waits for them to close. The sidecar must not keep it looking warm, nor alive."""
+    import time
+
+    triton = TritonServer(workdir=tmp_path / "triton", models=["identity_fp32"])
+    with triton, SidecarProcess(triton.url, tmp_path, "triton", ["--set", "upstream.health_interval=0.2"]) as proc:
+        for _ in range(20):  # the data pool and the probes both hold connections now
+            assert exchange(proc.url, "GET", "/v2/models/identity_fp32/ready").status == 200
+        assert triton._process is not None
+        stopped = time.monotonic()
+        triton._process.send_signal(15)
+        wait_until(lambda: http_status(proc.admin_url + "/readyz") == 503, 5, "the sidecar not ready")
+        triton._process.wait(timeout=20)
+        assert time.monotonic() - stopped < 20  # not Triton's 30 s wait for the sidecar's connections
+
+
 def test_a_port_in_use_is_one_line_and_exit_2(tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind((HOST, 0))

@@ -617,7 +617,7 @@ class H1Pool:
     """Keep-alive connections to one origin; at most ``size`` open at once, idle ones reused LIFO."""
 
     def __init__(self, base_url: str, size: int, connect_timeout: float, *, idle_timeout: float = 30.0,
-                 max_header_bytes: int = 65536) -> None:
+                 max_header_bytes: int = 65536, keep_alive: bool = True) -> None:
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or parts.path not in ("", "/") or parts.query or parts.fragment:
             # Targets are sent exactly as given: a path prefix here would be silently dropped.
@@ -632,6 +632,7 @@ class H1Pool:
         self.connect_timeout = connect_timeout
         self.idle_timeout = idle_timeout
         self.max_header_bytes = max_header_bytes
+        self.keep_alive = keep_alive
         self._idle: list[_Conn] = []  # oldest first: LIFO reuse, expiry from the front
         self._in_use = 0
         self._slots = asyncio.Semaphore(size)
@@ -776,6 +777,11 @@ class H1Pool:
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
+        self.drop_idle()
+
+    def drop_idle(self) -> None:
+        """Close the idle connections (the pool stays open): a server shutting down waits for its open
+        connections before it exits, and keeps answering on them meanwhile."""
         idle, self._idle = self._idle, []
         for conn in idle:
             conn.drop()
@@ -813,7 +819,8 @@ class H1Pool:
     def _release(self, conn: _Conn) -> None:
         """Pool the connection if its exchange ended cleanly (rule 1 of the module docstring), else close it."""
         transport = conn.transport
-        if (conn.state != _DONE or not conn.keep_alive or not conn.body_sent or self._closed or transport is None
+        if (conn.state != _DONE or not conn.keep_alive or not self.keep_alive or not conn.body_sent or self._closed
+                or transport is None
                 or transport.is_closing() or transport.get_write_buffer_size()):
             conn.drop()
             return

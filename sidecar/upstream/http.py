@@ -34,7 +34,10 @@ class HttpUpstream:
         self.metrics = metrics
         self.max_answer_bytes = max_answer_bytes
         self.pool = H1Pool(self.base, cfg.pool_size, cfg.connect_timeout)
-        self.probes = H1Pool(self.base, _PROBE_POOL_SIZE, cfg.connect_timeout)
+        # A fresh connection per probe: Triton, once told to stop, refuses new connections but keeps
+        # answering "ready" on open ones for up to its exit timeout (30 s), so a pooled probe would keep a
+        # stopping server looking warm (and keep it from exiting).
+        self.probes = H1Pool(self.base, _PROBE_POOL_SIZE, cfg.connect_timeout, keep_alive=False)
 
     def __repr__(self) -> str:
         return f"<HttpUpstream {self.base} data={self.pool!r} probes={self.probes!r}>"
@@ -52,7 +55,8 @@ class HttpUpstream:
                                         deadline=call.deadline)
         except TimeoutError:
             self.metrics.upstream_errors.labels("timeout").inc()
-            raise UpstreamTimeout("model server did not answer before the call's deadline") from None
+            waited = round(time.perf_counter() - started, 1)
+            raise UpstreamTimeout(f"model server did not answer within {waited:g} s (the call's deadline)") from None
         except ConnectionFailed as e:
             self.metrics.upstream_errors.labels("unavailable").inc()
             raise UpstreamUnavailable(f"model server unavailable: {e}") from None
