@@ -14,6 +14,7 @@ Traffic is the same in every case: a few concurrent clients cycling through the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import shutil
 import statistics
@@ -34,7 +35,7 @@ MODELS_TORCH_DIR = REPO_ROOT / "tests" / "models_torch"
 FEATURES = 64
 BATCHES = (1, 2, 4, 8)
 FAST = ["--set", "record.flush_interval=0.2", "--set", "upstream.health_interval=0.25",
-        "--set", "log_level=warning"]
+        "--set", "shutdown_delay=0", "--set", "log_level=warning"]
 TRITON_START_TIMEOUT = 180.0
 
 
@@ -134,14 +135,17 @@ def run_sidecar(work: Path, store: str, per_batch: int, steady: int, concurrency
                 name: str = "sidecar") -> Case:
     case = Case(name)
     triton = TritonServer(MODELS_TORCH_DIR, work / name, models=[MODEL])
-    started = time.monotonic()
-    sidecar = SidecarProcess(triton.url, work, "triton", ["--store", store, *FAST], wait="listening").start()
-    try:
-        with triton.start(TRITON_START_TIMEOUT):
-            sidecar.wait_until_ready(timeout=600)
-            case.ready = time.monotonic() - started
-            case.samples = asyncio.run(traffic(sidecar.url, per_batch, concurrency, started))
-            case.steady = asyncio.run(traffic(sidecar.url, steady, concurrency, started))
-    finally:
-        sidecar.stop()
+    sidecar = SidecarProcess(triton.url, work, "triton", ["--store", store, *FAST], wait="listening")
+    with contextlib.ExitStack() as stack:
+        # The sidecar stops first: Triton's graceful exit waits (--exit-timeout-secs, 30 s) for every open
+        # HTTP connection, and the sidecar's pooled ones stay open while it runs.
+        stack.callback(triton.stop)
+        stack.callback(sidecar.stop)
+        started = time.monotonic()
+        sidecar.start()
+        triton.start(TRITON_START_TIMEOUT)
+        sidecar.wait_until_ready(timeout=600)
+        case.ready = time.monotonic() - started
+        case.samples = asyncio.run(traffic(sidecar.url, per_batch, concurrency, started))
+        case.steady = asyncio.run(traffic(sidecar.url, steady, concurrency, started))
     return case
