@@ -138,7 +138,6 @@ def own_triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServe
 
 def test_json_and_binary_callers_each_get_their_own_encoding_and_id(triton: TritonServer,
                                                                     cached: SidecarProcess) -> None:
-    # Values whose shortest text Triton's RapidJSON writes too (see the xfail test below for others).
     values = [0.1, -2.5, 1024.125, 1e-7, -0.0, 7.0, 65504.0]
     assert cache_of(post(cached.url, infer_body(values, rid="first"))) == "miss"
     before = model_counts(triton, IDENTITY)
@@ -157,19 +156,52 @@ def test_json_and_binary_callers_each_get_their_own_encoding_and_id(triton: Trit
     assert after[0] - before[0] == 4  # the direct calls only: every sidecar answer came from the cache
 
 
-
-@pytest.mark.xfail(strict=True, reason="kserve_http writes the shortest round-trip text (1234.5677490234375, "
-                                       "3.3999999521443642e+38); Triton's RapidJSON (Grisu2) writes "
-                                       "1234.5677490234376 and 3.3999999521443644e38")
 def test_every_float_is_written_as_triton_writes_it(triton: TritonServer, cached: SidecarProcess) -> None:
-    body = infer_body([1234.5678, 1.0e17, 3.4e38], rid="floats")
+    # Triton's RapidJSON (Grisu2) digits are not the shortest round-trip text: 1234.5677490234376,
+    # not 1234.5677490234375; 3.3999999521443644e38, not 3.3999999521443642e+38; 99999998430674950.0.
+    values = [1234.5678, 1.0e17, 3.4e38, 0.1, -2.5, 1e-7, -0.0, 7.0, 65504.0,
+              1e-30, 123456789012, 1e21, 1e22, 0.000001, 1.5e-5, -13.166112899780273, 1.401298464324817e-45]
+    body = infer_body(values, rid="floats")
     post(cached.url, body)
     hit, direct = post(cached.url, body), post(triton.url, body)
     assert cache_of(hit) == "hit"
-    # The same numbers (every float reads back to the same bits) ...
-    assert orjson.loads(hit.body) == orjson.loads(direct.body)
-    # ... but not the same text: RapidJSON's Grisu2 digits and exponent form differ from the sidecar's.
+    assert b"1234.5677490234376,99999998430674950.0,3.3999999521443644e38," in direct.body
     assert hit.body == direct.body
+
+
+def binary_body(datatype: str, elements: list[bytes] | np.ndarray, rid: str, json_output: bool) -> tuple[bytes, int]:
+    """(body, JSON header length): one input in the binary section; outputs asked in JSON or binary."""
+    if datatype == "BYTES":
+        data = b"".join(len(e).to_bytes(4, "little") + e for e in elements)
+        shape = [1, len(elements)]
+    else:
+        data, shape = np.asarray(elements).tobytes(), [1, len(elements)]
+    head = orjson.dumps({"id": rid, "inputs": [{"name": "INPUT0", "shape": shape, "datatype": datatype,
+                                                 "parameters": {"binary_data_size": len(data)}}],
+                         "outputs": [{"name": "OUTPUT0", "parameters": {"binary_data": not json_output}}]})
+    return head + data, len(head)
+
+
+@pytest.mark.parametrize(("model", "datatype", "elements"), [
+    (IDENTITY, "FP32", np.array([1.5, np.nan, np.inf, -np.inf, -0.0], dtype=np.float32)),
+    ("bytes_echo", "BYTES", [b'a"\\\x01\x1f\n\t\x08\x0c\r/\x7f\x00z', b"", b"\xff\xfe", "\u00e9".encode()]),
+])
+def test_a_json_hit_is_what_triton_writes_even_where_that_is_not_json(
+        triton: TritonServer, cached: SidecarProcess, model: str, datatype: str, elements: Any) -> None:
+    """NaN and Infinity as bare words, strings escaped as RapidJSON escapes them (uppercase \\u001F) and
+    invalid UTF-8 left raw: not JSON, but Triton's answer, so a hit for a JSON caller is the same."""
+    path = f"/v2/models/{model}/infer"
+
+    def call(base: str, json_output: bool, rid: str) -> Answer:
+        body, length = binary_body(datatype, elements, rid, json_output)
+        headers = {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(length)}
+        return exchange(base, "POST", path, body, headers, timeout=30)
+
+    assert cache_of(call(cached.url, False, "binary")) == "miss"  # stored from a binary answer
+    hit, direct = call(cached.url, True, "json"), call(triton.url, True, "json")
+    assert cache_of(hit) == "hit"
+    assert (hit.status, hit.body) == (direct.status, direct.body)
+
 
 # -- tritonclient ----------------------------------------------------------------------------------------
 

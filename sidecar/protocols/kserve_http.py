@@ -9,9 +9,13 @@ Wire facts relied on (Triton ``docs/protocol/extension_binary_data.md`` and ``ht
   ``Inference-Header-Content-Length`` HTTP header gives the JSON length.
 - Triton refuses FP16 and BF16 in JSON, its JSON writer cannot emit NaN or Infinity, and JSON
   strings must be UTF-8. Tensors like these are therefore always encoded in the binary section,
-  whatever the caller asked for: that is the only lossless form Triton reads.
+  whatever the caller asked for: that is the only lossless form Triton reads. (Asked for an FP16
+  output in JSON, Triton answers 400 "sending FP16 data via JSON is not supported"; an encoder
+  cannot answer an error, so it writes binary.)
 - FP32 values are written in JSON as the exact double they widen to (Triton does the same), so a
-  JSON round trip is bit-exact.
+  JSON round trip is bit-exact. FP32 and FP64 values are written with Triton's own digits
+  (RapidJSON's ``Writer::Double``, see :mod:`float_text`), not the shortest round-trip text, so a
+  re-encoded answer is byte for byte what Triton sends.
 
 Decoding is stricter than Triton in one way: Triton silently truncates out-of-range JSON integers
 (300 for a UINT8), here that is a :class:`DecodeError` (the call is then forwarded unmodelled, and
@@ -33,6 +37,7 @@ import numpy.typing as npt
 import orjson
 
 from ..errors import DecodeError
+from . import float_text
 from .request import (
     DATATYPE_SIZES,
     InferenceRequest,
@@ -388,7 +393,7 @@ def encode_request(req: InferenceRequest, binary_inputs: bool) -> tuple[bytes, i
         header["id"] = req.id
     if req.parameters:
         header["parameters"] = thaw_params(req.parameters)
-    header["inputs"], chunks = _encode_tensors(req.inputs, lambda _: binary_inputs)
+    header["inputs"], chunks = _encode_tensors(req.inputs, lambda _: binary_inputs, _json_data)
     if req.outputs:
         header["outputs"] = [_encode_requested_output(o) for o in req.outputs]
     return _assemble(header, chunks)
@@ -402,7 +407,12 @@ def encode_response(resp: InferenceResponse, binary_outputs: frozenset[str]) -> 
     header["model_version"] = resp.version
     if resp.parameters:
         header["parameters"] = thaw_params(resp.parameters)
-    header["outputs"], chunks = _encode_tensors(resp.outputs, lambda t: t.name in binary_outputs)
+    for t in resp.outputs:
+        if t.datatype in _BINARY_ONLY and t.name not in binary_outputs:
+            # Triton answers such a caller 400 ("sending FP16 data via JSON is not supported"); the front
+            # then lets the model server answer it.
+            raise ValueError(f"output {t.name!r}: Triton does not send {t.datatype} as JSON")
+    header["outputs"], chunks = _encode_tensors(resp.outputs, lambda t: t.name in binary_outputs, _answer_json_data)
     return _assemble(header, chunks)
 
 
@@ -417,13 +427,13 @@ def _encode_requested_output(out: RequestedOutput) -> dict[str, Any]:
 
 
 def _encode_tensors(
-    tensors: Sequence[Tensor], wants_binary: Callable[[Tensor], bool]
+    tensors: Sequence[Tensor], wants_binary: Callable[[Tensor], bool], json_data: Callable[[Tensor], Any]
 ) -> tuple[list[dict[str, Any]], list[bytes] | None]:
     objs: list[dict[str, Any]] = []
     chunks: list[bytes] | None = None
     for t in tensors:
         obj: dict[str, Any] = {"name": t.name, "datatype": t.datatype, "shape": list(t.shape)}
-        data = None if wants_binary(t) else _json_data(t)
+        data = None if wants_binary(t) else json_data(t)
         if data is None:
             _check_canonical(t)
             obj["parameters"] = {"binary_data_size": len(t.data)}
@@ -435,7 +445,7 @@ def _encode_tensors(
     return objs, chunks
 
 
-def _json_data(t: Tensor) -> npt.NDArray[Any] | list[str] | None:
+def _json_data(t: Tensor) -> npt.NDArray[Any] | list[str] | orjson.Fragment | None:
     """The flat JSON ``data`` for a tensor, or None when only the binary form is lossless."""
     if t.datatype in _BINARY_ONLY:
         return None
@@ -452,8 +462,36 @@ def _json_data(t: Tensor) -> npt.NDArray[Any] | list[str] | None:
     if arr.dtype.kind == "f":
         if not np.isfinite(arr).all():
             return None
-        return arr.astype(np.float64)
+        # Triton's digits, not orjson's shortest text: the same doubles, but not the same bytes.
+        return orjson.Fragment(float_text.json_array(arr))
     return arr
+
+
+def _answer_json_data(t: Tensor) -> Any:
+    """An output's JSON ``data`` exactly as Triton writes it (RapidJSON): strings byte for byte, escaped as
+    RapidJSON escapes (``\\u001F``, uppercase) and invalid UTF-8 left raw; ``NaN``, ``Infinity`` and
+    ``-Infinity`` as bare words. Neither is valid JSON, but it is what Triton sends this caller."""
+    if t.datatype == "BYTES":
+        _check_canonical(t)
+        return orjson.Fragment(rapidjson_strings(unpack_bytes_elements(t.data)))
+    if t.datatype in ("FP32", "FP64"):
+        _check_canonical(t)
+        return orjson.Fragment(float_text.json_array(np.frombuffer(t.data, dtype=_NUMERIC_DTYPES[t.datatype]),
+                                                     non_finite=True))
+    return _json_data(t)
+
+
+_RAPIDJSON_ESCAPES = {c: (b"\\u%04X" % c) for c in range(0x20)} | {
+    0x08: b"\\b", 0x09: b"\\t", 0x0A: b"\\n", 0x0C: b"\\f", 0x0D: b"\\r", 0x22: b'\\"', 0x5C: b"\\\\"}
+_NEEDS_ESCAPE = re.compile(rb'[\x00-\x1f"\\]')
+
+
+def rapidjson_strings(elements: Sequence[bytes]) -> bytes:
+    """A JSON array of these strings as RapidJSON's ``Writer::String`` writes them (no UTF-8 validation)."""
+    def escape(match: re.Match[bytes]) -> bytes:
+        return _RAPIDJSON_ESCAPES[match.group()[0]]
+
+    return b"[" + b",".join(b'"' + _NEEDS_ESCAPE.sub(escape, e) + b'"' for e in elements) + b"]"
 
 
 def _check_canonical(t: Tensor) -> None:
