@@ -20,10 +20,16 @@ import os
 from concurrent.futures.process import BrokenProcessPool
 
 from ..errors import DecodeError
+from ..pipeline.stage import Memo
 from ..protocols import dispatch
-from ..protocols.request import InferenceRequest
 
 log = logging.getLogger("sidecar.decode")
+
+# Small requests repeat (the same embedding text, the same feature vector): the same bytes decode once.
+# Bounded: at most _MEMO_ENTRIES bodies of at most _MEMO_BODY bytes (4 MiB of bodies, about as much decoded).
+_MEMO_ENTRIES = 1024
+_MEMO_BODY = 4096
+MemoKey = tuple[dispatch.InferenceRoute, tuple[bytes, ...], bytes | None, bytes]
 
 
 class RequestDecoder:
@@ -33,20 +39,37 @@ class RequestDecoder:
         self.max_decoded_bytes = max_decoded_bytes
         self._pool: concurrent.futures.ProcessPoolExecutor | None = None
         self.offloaded = 0
+        self._memo: dict[MemoKey, Memo] = {}
 
     def __repr__(self) -> str:
         return f"<RequestDecoder inline<={self.inline_bytes} workers={self.workers} offloaded={self.offloaded}>"
 
+    def remembered(self, route: dispatch.InferenceRoute, body: bytes, header_lengths: list[bytes],
+                   encoding: bytes | None) -> Memo:
+        """The shared Memo of a small request decoded before; decodes (and remembers) it otherwise. Raises
+        as ``decode`` does; what does not decode is never remembered."""
+        if len(body) > _MEMO_BODY:
+            return Memo(dispatch.decode_wire(route, body, header_lengths, encoding, self.max_decoded_bytes))
+        key = (route, tuple(header_lengths), encoding, body)
+        memo = self._memo.get(key)
+        if memo is None:
+            memo = Memo(dispatch.decode_wire(route, body, header_lengths, encoding, self.max_decoded_bytes))
+            if len(self._memo) >= _MEMO_ENTRIES:
+                del self._memo[next(iter(self._memo))]  # the oldest first in: cheap, and good enough
+            self._memo[key] = memo
+        return memo
+
     async def decode(self, route: dispatch.InferenceRoute, body: bytes, header_lengths: list[bytes],
-                     encoding: bytes | None) -> InferenceRequest:
+                     encoding: bytes | None) -> Memo:
+        """The canonical request, in a Memo shared by identical small bodies decoded on the loop."""
         """The canonical request; DecodeError when the codecs cannot model it, UnsafeInput to refuse it."""
         if len(body) <= self.inline_bytes or self.workers == 0:
-            return dispatch.decode_wire(route, body, header_lengths, encoding, self.max_decoded_bytes)
+            return self.remembered(route, body, header_lengths, encoding)
         self.offloaded += 1
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._executor(), dispatch.decode_wire, route, body, header_lengths,
-                                              encoding, self.max_decoded_bytes)
+            return Memo(await loop.run_in_executor(self._executor(), dispatch.decode_wire, route, body,
+                                                   header_lengths, encoding, self.max_decoded_bytes))
         except BrokenProcessPool:
             log.warning("a decoding worker died; replacing it (the call goes upstream unmodelled)")
             self._pool = None

@@ -49,6 +49,7 @@ _JSON_HEADERS = [(b"Content-Type", b"application/json")]
 _MODEL_READY = re.compile(r"/v2/models/([^/]+)(?:/versions/[^/]+)?/ready")
 _TF_STATUS = re.compile(r"/v1/models/([^/:]+)(?:/versions/[^/:]+|/labels/[^/:]+)?")
 _METHODS_REFUSED = frozenset({"CONNECT"})
+_MEMO_ANSWER = 16384  # an encoded cache hit kept for the next identical request, up to this size
 _REPOSITORY_ACTION = re.compile(r"/v2/repository/models/([^/]+)/(?:load|unload)")
 
 
@@ -188,9 +189,11 @@ class HttpFront:
 
     async def _call(self, req: Request, route: dispatch.InferenceRoute, body: bytes, request_id: str) -> Call:
         modelled = True
+        memo = None
         try:
-            canonical = await self.decoder.decode(route, body, req.header_values(dispatch.HEADER_LENGTH),
-                                                  req.header(b"content-encoding"))
+            memo = await self.decoder.decode(route, body, req.header_values(dispatch.HEADER_LENGTH),
+                                             req.header(b"content-encoding"))
+            canonical = memo.request
         except DecodeError:
             # Valid or not, the model server answers it as it always does; the sidecar only stays out of the way.
             # (The codec's reason is not logged: it can quote the body's field names.)
@@ -200,6 +203,7 @@ class HttpFront:
         wire = HttpWire(req.target, tuple(_forward_headers(req, request_id)), body)
         deadline = req.arrived + self.cfg.upstream.timeout
         call = Call(canonical, request_id, deadline, wire, modelled, route.method, "http")
+        call.memo = memo
         directives = req.header(b"cache-control")
         if directives is not None:
             tokens = {t.split(b"=")[0].strip().lower() for t in directives.split(b",")}
@@ -217,7 +221,7 @@ class HttpFront:
         if not isinstance(raw, HttpAnswer):
             if reply.ok:
                 try:
-                    headers, body = dispatch.encode_answer(call.request, reply.response())
+                    headers, body = self._encoded(call, reply)
                     return self._send(out, request_id, 200, headers, body, b"", reply.cache)
                 except ValueError:
                     pass
@@ -228,6 +232,20 @@ class HttpFront:
             assert isinstance(raw, HttpAnswer)
         headers = [h for h in raw.headers if h[0].lower() != REQUEST_ID]
         return self._send(out, request_id, raw.status, headers, raw.body, raw.reason, reply.cache)
+
+    @staticmethod
+    def _encoded(call: Call, reply: Reply) -> tuple[list[Header], bytes]:
+        """The canonical answer in this caller's form; a cache hit for bytes seen before reuses the encoding
+        made for them (the same request object and the same response object encode the same)."""
+        response = reply.response()
+        memo = call.memo if call.memo is not None and call.memo.request is call.request else None
+        if memo is not None and memo.answer is not None and memo.answer[0] is response:
+            headers, body = memo.answer[1]
+            return list(headers), body
+        headers, body = dispatch.encode_answer(call.request, response)
+        if memo is not None and reply.cache == "hit" and len(body) <= _MEMO_ANSWER:
+            memo.answer = (response, (tuple(headers), body))
+        return headers, body
 
     # -- readiness paths while not warm --------------------------------------------------------------
 

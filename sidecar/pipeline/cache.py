@@ -105,7 +105,7 @@ class CacheStage:
         model = call.request.model
         if self.shared is not None:
             self._follow_epoch(model, self.shared.epoch(model))
-        ident = cache_key(call.request, "", call.scope)
+        ident = _identity(call)
         key = ident + self.generations.key(model)
         if not call.no_cache:
             found = self.memory.get(key)
@@ -304,6 +304,19 @@ def _same_form(a: Call, b: Call) -> bool:
 
 def _format(call: Call) -> str:
     return next((v for k, v in call.request.parameters if k == "format"), "")
+
+
+def _identity(call: Call) -> bytes:
+    """The call's cache identity; computed once for every call that shares its memo (identical bytes)."""
+    memo = call.memo
+    if memo is None or memo.request is not call.request:
+        return cache_key(call.request, "", call.scope)
+    ident = memo.idents.get(call.scope)
+    if ident is None:
+        if len(memo.idents) >= 4:  # one per tenant seen with these bytes; a handful is plenty
+            memo.idents.clear()
+        ident = memo.idents[call.scope] = cache_key(call.request, "", call.scope)
+    return ident
 
 
 class CacheCollector:

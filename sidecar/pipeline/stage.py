@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from ..protocols.request import InferenceRequest, InferenceResponse
 
@@ -66,6 +66,20 @@ Wire = HttpWire | GrpcWire
 Answer = HttpAnswer | GrpcAnswer
 
 
+class Memo:
+    """What calls with byte-identical requests share: the decoded request (so it is decoded once), its cache
+    identity per scope, and the last answer encoded for it. A front hands the same Memo to such calls;
+    everything in it is a pure function of those bytes (and of the response object it names), so sharing
+    it can never give a caller anything that is not its own."""
+
+    __slots__ = ("answer", "idents", "request")
+
+    def __init__(self, request: InferenceRequest) -> None:
+        self.request = request
+        self.idents: dict[bytes, bytes] = {}  # scope -> cache identity
+        self.answer: tuple[InferenceResponse, Any] | None = None  # (response, the front's encoding of it)
+
+
 @dataclass(slots=True, eq=False)
 class Call:
     """One inference call as the stages see it."""
@@ -86,6 +100,7 @@ class Call:
     # The call carries credentials (Authorization, Cookie); ``scope`` is the value of cache.scope_header.
     private: bool = False
     scope: bytes = b""
+    memo: Memo | None = None  # set when the front has seen these exact bytes before (small requests)
 
 
 Decoder = Callable[[], InferenceResponse]
