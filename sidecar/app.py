@@ -64,7 +64,8 @@ class Sidecar:
         self.cfg = cfg
         self.metrics = Metrics()
         self.machine = StateMachine()
-        self.book = ModelBook()  # each model's own load and warm state, beside the pod's
+        # Each model's own load and warm state, beside the pod's.
+        self.book = ModelBook(lambda: self.machine.state in (State.WARMING, State.WARM))
         self.metrics.watch_state([s.value for s in State], lambda: self.machine.state.value,
                                  lambda: self.machine.progress)
         self.supervisor = Supervisor(self.metrics)

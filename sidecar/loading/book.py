@@ -40,7 +40,10 @@ class ModelEntry:
 
 
 class ModelBook:
-    def __init__(self) -> None:
+    def __init__(self, serving: Callable[[], bool] = lambda: True) -> None:
+        # Whether the model server can be serving at all now (the pod warming or warm): a model the book
+        # says is warm is not ready while the server is down or restarting, or the pod drains.
+        self.serving = serving
         self.models: dict[str, ModelEntry] = {}
         self._changed = asyncio.Event()
         self._wanted: list[str] = []  # models callers wait for, most recent first
@@ -80,7 +83,7 @@ class ModelBook:
         entry = self.models.get(name)
         if entry is None:
             return None
-        return entry.state is ModelState.WARM or entry.state is ModelState.FAILED
+        return (entry.state is ModelState.WARM or entry.state is ModelState.FAILED) and self.serving()
 
     def touch(self, name: str) -> None:
         entry = self.models.get(name)
