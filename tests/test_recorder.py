@@ -115,7 +115,7 @@ async def test_memory_between_flushes_is_bounded_by_the_sketch(tmp_path: Path) -
     rec, store, _ = recorder(tmp_path)
     for i in range(500):  # 500 distinct calls, capacity 64, no flush in between
         await rec(call("m", float(i)), answer(200))  # type: ignore[arg-type]
-        await rec._observe_safely(rec._queue.get_nowait())
+        await rec._drain()
     memory = rec._models["m"]
     assert len(memory.meta) <= 64 and set(memory.meta) == {k for k, _, _ in memory.sketch.items()}
     await rec.close()

@@ -1,14 +1,16 @@
 """The recorder stage: remembers what real traffic looks like, without slowing it down.
 
-The stage itself only puts the finished call on a queue bounded in count and bytes (what
-overflows is counted, never waited for). A background task keys, counts and aggregates calls in a
-Space-Saving sketch per model and writes the aggregate to the traffic store every
-``flush_interval`` seconds.
+The stage itself only appends the finished call to a queue bounded in count and bytes (what
+overflows is counted, never waited for). A background task drains it in batches (waking at most
+every ``_DRAIN_EVERY`` seconds, not once per call: a task switch per call cost as much as the rest
+of the recording), keys, counts and aggregates calls in a Space-Saving sketch per model, and writes
+the aggregate to the traffic store every ``flush_interval`` seconds.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -31,6 +33,7 @@ def wire_size(call: Call) -> int:
         return len(wire.body)
     return len(wire.message) if wire is not None else 0
 _HASH_INLINE = 1024 * 1024
+_DRAIN_EVERY = 0.02
 
 
 class _ModelMemory:
@@ -50,52 +53,64 @@ class Recorder:
         self.metrics = metrics
         self.capacity = capacity
         self.allow = frozenset(cfg.models)
-        self._queue: asyncio.Queue[Call] = asyncio.Queue(cfg.queue_size)
+        self._queue: collections.deque[Call] = collections.deque()
         self._queued_bytes = 0
+        self._wake = asyncio.Event()
         self._batches: dict[tuple[str, str, int], int] = {}
         self._models: dict[str, _ModelMemory] = {}
         # When each key's payload last went to the store: resent only to refresh its TTL.
         self._payload_sent: dict[str, float] = {}
 
     def __repr__(self) -> str:
-        return f"<Recorder queue={self._queue.qsize()}/{self.cfg.queue_size} models={len(self._models)}>"
+        return f"<Recorder queue={len(self._queue)}/{self.cfg.queue_size} models={len(self._models)}>"
 
     async def __call__(self, call: Call, next: Next) -> Reply:
         reply = await next(call)
         # Only calls the server answered are worth replaying; unmodelled ones cannot be keyed.
         if reply.status == 200 and call.modelled and (not self.allow or call.request.model in self.allow):
             size = wire_size(call)
-            if self._queued_bytes + size > self.cfg.queue_bytes:
+            if self._queued_bytes + size > self.cfg.queue_bytes or len(self._queue) >= self.cfg.queue_size:
                 self.metrics.record_dropped.inc()
                 return reply
-            try:
-                self._queue.put_nowait(call)
-            except asyncio.QueueFull:
-                self.metrics.record_dropped.inc()
-            else:
-                self._queued_bytes += size
+            self._queue.append(call)
+            self._queued_bytes += size
+            if not self._wake.is_set():
+                self._wake.set()
         return reply
 
     async def run(self) -> None:
-        """Background task: aggregate, and flush every ``flush_interval`` seconds."""
+        """Background task: aggregate in batches, and flush every ``flush_interval`` seconds."""
         loop = asyncio.get_running_loop()
         next_flush = loop.time() + self.cfg.flush_interval
         while True:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout_at(next_flush):
                     while True:
-                        await self._observe_safely(await self._queue.get())
+                        await self._wake.wait()
+                        await asyncio.sleep(_DRAIN_EVERY)  # let a batch gather
+                        self._wake.clear()
+                        await self._drain()
             next_flush = loop.time() + self.cfg.flush_interval
+            await self._drain()
             await self.flush()
+
+    async def _drain(self) -> None:
+        while self._queue:
+            await self._observe_safely(self._queue.popleft())
 
     async def _observe_safely(self, call: Call) -> None:
         """One bad call is dropped and counted; it never stops the recorder."""
         size = wire_size(call)
         self._queued_bytes -= size
         try:
-            # Hashing a large call takes milliseconds; hashlib releases the GIL, so a thread keeps the loop free.
-            key = await asyncio.to_thread(request_key, call.request) if size > _HASH_INLINE else request_key(
-                call.request)
+            memo = call.memo if call.memo is not None and call.memo.request is call.request else None
+            key = memo.record_key if memo is not None else None
+            if key is None:
+                # Hashing a large call takes milliseconds; hashlib releases the GIL, so a thread keeps the loop free.
+                key = await asyncio.to_thread(request_key, call.request) if size > _HASH_INLINE else request_key(
+                    call.request)
+                if memo is not None:
+                    memo.record_key = key  # identical bytes, the same key: computed once
             self._observe(call, key)
         except Exception as e:
             self.metrics.record_errors.inc()
@@ -137,8 +152,7 @@ class Recorder:
 
     async def close(self) -> None:
         """Record what is still queued, then write it: a shutdown loses nothing that was seen."""
-        while not self._queue.empty():
-            await self._observe_safely(self._queue.get_nowait())
+        await self._drain()
         await self.flush()
 
     async def flush(self) -> None:

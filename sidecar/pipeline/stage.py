@@ -72,11 +72,12 @@ class Memo:
     everything in it is a pure function of those bytes (and of the response object it names), so sharing
     it can never give a caller anything that is not its own."""
 
-    __slots__ = ("answer", "idents", "request")
+    __slots__ = ("answer", "idents", "record_key", "request")
 
     def __init__(self, request: InferenceRequest) -> None:
         self.request = request
         self.idents: dict[bytes, bytes] = {}  # scope -> cache identity
+        self.record_key: str | None = None  # the recorder's key
         self.answer: tuple[InferenceResponse, Any] | None = None  # (response, the front's encoding of it)
 
 
