@@ -802,3 +802,19 @@ def test_small_tensor_fast_path_agrees_with_numpy_path(datatype: str, values: li
     assert (small is None) == (large is None)
     if small is not None and large is not None:
         assert large.startswith(small)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.binary(min_size=4, max_size=64).filter(lambda b: len(b) % 4 == 0), min_size=1, max_size=40))
+def test_the_float_text_memo_is_exact_and_bounded(datas: list[bytes]) -> None:
+    from sidecar.protocols import float_text
+
+    texts = codec._FloatTexts(4096)
+    for data in datas * 2:
+        want = float_text.json_array(np.frombuffer(data, dtype=np.float32), non_finite=True)
+        assert texts.get("FP32", data) == want
+        assert texts.used <= texts.max_bytes
+    doubles = b"".join(datas)[: len(b"".join(datas)) // 8 * 8]
+    if doubles:  # the same bytes read as FP64 are other values: never the FP32 text
+        assert texts.get("FP64", doubles) == float_text.json_array(np.frombuffer(doubles, dtype=np.float64),
+                                                                  non_finite=True)

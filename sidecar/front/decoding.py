@@ -12,6 +12,7 @@ is treated as one the codecs cannot model, so it still goes to the model server 
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import logging
@@ -26,8 +27,9 @@ from ..protocols import dispatch
 log = logging.getLogger("sidecar.decode")
 
 # Small requests repeat (the same embedding text, the same feature vector): the same bytes decode once.
-# Bounded: at most _MEMO_ENTRIES bodies of at most _MEMO_BODY bytes (4 MiB of bodies, about as much decoded).
-_MEMO_ENTRIES = 1024
+# Bounded: at most _MEMO_ENTRIES bodies of at most _MEMO_BODY bytes (8 MiB of bodies, about as much decoded,
+# and the front's encoded answers of at most 4 KiB each), least recently used out first.
+_MEMO_ENTRIES = 2048
 _MEMO_BODY = 4096
 MemoKey = tuple[dispatch.InferenceRoute, tuple[bytes, ...], bytes | None, bytes]
 
@@ -39,7 +41,7 @@ class RequestDecoder:
         self.max_decoded_bytes = max_decoded_bytes
         self._pool: concurrent.futures.ProcessPoolExecutor | None = None
         self.offloaded = 0
-        self._memo: dict[MemoKey, Memo] = {}
+        self._memo: collections.OrderedDict[MemoKey, Memo] = collections.OrderedDict()
 
     def __repr__(self) -> str:
         return f"<RequestDecoder inline<={self.inline_bytes} workers={self.workers} offloaded={self.offloaded}>"
@@ -52,11 +54,13 @@ class RequestDecoder:
             return Memo(dispatch.decode_wire(route, body, header_lengths, encoding, self.max_decoded_bytes))
         key = (route, tuple(header_lengths), encoding, body)
         memo = self._memo.get(key)
-        if memo is None:
-            memo = Memo(dispatch.decode_wire(route, body, header_lengths, encoding, self.max_decoded_bytes))
-            if len(self._memo) >= _MEMO_ENTRIES:
-                del self._memo[next(iter(self._memo))]  # the oldest first in: cheap, and good enough
-            self._memo[key] = memo
+        if memo is not None:
+            self._memo.move_to_end(key)
+            return memo
+        memo = Memo(dispatch.decode_wire(route, body, header_lengths, encoding, self.max_decoded_bytes))
+        if len(self._memo) >= _MEMO_ENTRIES:
+            self._memo.popitem(last=False)
+        self._memo[key] = memo
         return memo
 
     async def decode(self, route: dispatch.InferenceRoute, body: bytes, header_lengths: list[bytes],

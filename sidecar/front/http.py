@@ -49,7 +49,7 @@ _JSON_HEADERS = [(b"Content-Type", b"application/json")]
 _MODEL_READY = re.compile(r"/v2/models/([^/]+)(?:/versions/[^/]+)?/ready")
 _TF_STATUS = re.compile(r"/v1/models/([^/:]+)(?:/versions/[^/:]+|/labels/[^/:]+)?")
 _METHODS_REFUSED = frozenset({"CONNECT"})
-_MEMO_ANSWER = 16384  # an encoded cache hit kept for the next identical request, up to this size
+_MEMO_ANSWER = 4096  # an encoded cache hit kept for the next identical request, up to this size
 _REPOSITORY_ACTION = re.compile(r"/v2/repository/models/([^/]+)/(?:load|unload)")
 
 
