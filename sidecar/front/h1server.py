@@ -582,9 +582,11 @@ class H1Connection(asyncio.Protocol):
         if data and not self._raw.done:
             try:
                 self._raw.feed(data)
-            except httptools.HttpParserError:
-                self._raw.body.fail(ClientClosed("malformed body on an upgrade request"))
-                self.close()
+            except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+                # llhttp reads on past the body's end; what follows it is ignored, whatever it is.
+                if not self._raw.done:
+                    self._raw.body.fail(ClientClosed("malformed body on an upgrade request"))
+                    self.close()
 
     def _expect_continue(self) -> bool:
         for k, v in self._headers:

@@ -142,6 +142,8 @@ class HttpFront:
         if isinstance(err, Forbidden):
             headers = [(b"Content-Type", b"text/plain")]  # Triton's own 403 says text/plain
             body = err.message.encode()
+        elif isinstance(err, _MethodNotAllowed):
+            headers = [(b"Content-Type", b"text/plain")]  # so does its 405, though the body is JSON
         if status in (408, 413):
             out.close_after = True  # the rest of the body may still be on its way
         return self._send(out, request_id, status, headers, body)
