@@ -232,7 +232,7 @@ class Sidecar:
         await self.grpc_upstream.close()
         if self.shared_cache is not None:
             await self.shared_cache.close()
-        self.decoder.close()
+        await self.decoder.close()
 
 
 def admin_token(cfg: Config) -> str:

@@ -58,6 +58,7 @@ class SidecarProcess(ServerProcess):
         self.admin_url = f"http://{HOST}:{self.admin_port}"
         # The gRPC data port: a free one, never the default 9001, as tests run sidecars side by side.
         self.grpc_url = f"{HOST}:{self.grpc_port}"
+        self._log_checked = 0  # the log's bytes already searched for tracebacks
 
     def command(self) -> list[str]:
         return [
@@ -95,3 +96,18 @@ class SidecarProcess(ServerProcess):
     def terminate(self, timeout: float = 30.0) -> int | None:
         """SIGTERM and wait for the exit status (what Kubernetes does at pod shutdown)."""
         return self.stop(timeout)
+
+    def stop(self, timeout: float | None = None) -> int | None:
+        """As ServerProcess.stop; then the log must hold no traceback: whatever a test did, the sidecar
+        says what went wrong in a line, and that holds at exit too (its own or the interpreter's)."""
+        code = super().stop(timeout)
+        if self.log_path.exists():
+            with self.log_path.open("rb") as log:
+                log.seek(self._log_checked)
+                new = log.read()
+            self._log_checked += len(new)
+            if b"Traceback" in new:
+                at = new.index(b"Traceback")
+                raise AssertionError(f"a traceback in {self.log_path}:\n"
+                                     f"{new[max(0, at - 300):at + 1500].decode(errors='replace')}")
+        return code

@@ -65,8 +65,8 @@ class RequestDecoder:
 
     async def decode(self, route: dispatch.InferenceRoute, body: bytes, header_lengths: list[bytes],
                      encoding: bytes | None) -> Memo:
-        """The canonical request, in a Memo shared by identical small bodies decoded on the loop."""
-        """The canonical request; DecodeError when the codecs cannot model it, UnsafeInput to refuse it."""
+        """The canonical request, in a Memo shared by identical small bodies decoded on the loop;
+        DecodeError when the codecs cannot model it, UnsafeInput to refuse it."""
         if len(body) <= self.inline_bytes or self.workers == 0:
             return self.remembered(route, body, header_lengths, encoding)
         self.offloaded += 1
@@ -92,10 +92,12 @@ class RequestDecoder:
         if self.workers:
             self._executor().submit(int)
 
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
+    async def close(self) -> None:
+        """Stop the workers and wait for them to go: a pool still winding down at interpreter exit races
+        CPython's own exit hook on its wake-up pipe ("Exception ignored ... Bad file descriptor")."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True)
 
 
 def _lower_priority() -> None:
