@@ -83,13 +83,11 @@ class FakeUpstream:
                     buffer += chunk
                     head_end = buffer.find(b"\r\n\r\n")
                 head, buffer = buffer[: head_end + 4], buffer[head_end + 4:]
-                length = _content_length(head)
-                while len(buffer) < length:
-                    chunk = sock.recv(65536)
-                    if not chunk:
-                        return
-                    buffer += chunk
-                body, buffer = buffer[:length], buffer[length:]
+                read = _read_chunked if _is_chunked(head) else _read_sized
+                framed = read(sock, buffer, _content_length(head))
+                if framed is None:
+                    return
+                body, buffer = framed
                 with self._lock:
                     self.received.append(head + body)
                 method, target = head.split(b" ", 2)[:2]
@@ -109,3 +107,47 @@ def _content_length(head: bytes) -> int:
         if name.strip().lower() == b"content-length":
             return int(value.strip())
     return 0
+
+
+def _is_chunked(head: bytes) -> bool:
+    return any(line.partition(b":")[0].strip().lower() == b"transfer-encoding" for line in head.split(b"\r\n")[1:])
+
+
+def _fill(sock: socket.socket, buffer: bytes, size: int) -> bytes | None:
+    """At least ``size`` bytes buffered, or None when the peer closed first."""
+    while len(buffer) < size:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return None
+        buffer += chunk
+    return buffer
+
+
+def _read_sized(sock: socket.socket, buffer: bytes, length: int) -> tuple[bytes, bytes] | None:
+    filled = _fill(sock, buffer, length)
+    return None if filled is None else (filled[:length], filled[length:])
+
+
+def _read_chunked(sock: socket.socket, buffer: bytes, _: int) -> tuple[bytes, bytes] | None:
+    """A chunked body read to its end, as a model server does before it answers (trailers ignored)."""
+    body = b""
+    while True:
+        while b"\r\n" not in buffer:
+            more = _fill(sock, buffer, len(buffer) + 1)
+            if more is None:
+                return None
+            buffer = more
+        size_line, buffer = buffer.split(b"\r\n", 1)
+        size = int(size_line.split(b";")[0], 16)
+        if size == 0:
+            while not buffer.startswith(b"\r\n") and b"\r\n\r\n" not in buffer:
+                more = _fill(sock, buffer, len(buffer) + 1)
+                if more is None:
+                    return None
+                buffer = more
+            end = 2 if buffer.startswith(b"\r\n") else buffer.index(b"\r\n\r\n") + 4
+            return body, buffer[end:]
+        filled = _fill(sock, buffer, size + 2)
+        if filled is None:
+            return None
+        body, buffer = body + filled[:size], filled[size + 2:]

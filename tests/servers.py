@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import functools
 import http.client
+import json
 import os
 import shutil
 import signal
@@ -411,6 +412,44 @@ class TritonServer(ServerProcess):
 
     def model_ready(self, model: str) -> bool:
         return http_status(self.http_port, f"/v2/models/{model}/ready") == 200
+
+    def model_counts(self, model: str) -> tuple[int, int]:
+        """Triton's own (inference_count, execution_count) for ``model``, all versions together."""
+        connection = http.client.HTTPConnection(HOST, self.http_port, timeout=10)
+        try:
+            connection.request("GET", f"/v2/models/{model}/stats")
+            stats = json.loads(connection.getresponse().read())["model_stats"]
+        finally:
+            connection.close()
+        return sum(int(s["inference_count"]) for s in stats), sum(int(s["execution_count"]) for s in stats)
+
+    def counts_since(self, model: str, before: tuple[int, int], inferences: int) -> tuple[int, int]:
+        """(inferences, executions) of ``model`` since ``before``, once at least ``inferences`` are counted.
+
+        Triton updates its statistics just after it sends the answer, so a read right after the caller
+        got it can trail by one; waiting for the count expected (then reading what is there) keeps a
+        test from flaking on that, and an extra call still shows as a count above the one expected."""
+        def delta() -> tuple[int, int]:
+            now = self.model_counts(model)
+            return now[0] - before[0], now[1] - before[1]
+
+        wait_until(lambda: delta()[0] >= inferences, 10, f"{inferences} inference(s) of {model} counted")
+        return delta()
+
+    def settled_counts(self, model: str, quiet: float = 0.05) -> tuple[int, int]:
+        """``model_counts`` once they have held still for ``quiet`` seconds: calls answered just before
+        (a warm-up's, say, whose number is not known) are in them by then."""
+        seen = (self.model_counts(model), time.monotonic())
+
+        def still() -> tuple[int, int] | None:
+            nonlocal seen
+            now = self.model_counts(model)
+            if now != seen[0]:
+                seen = (now, time.monotonic())
+                return None
+            return now if time.monotonic() - seen[1] >= quiet else None
+
+        return wait_until(still, 10, f"the counts of {model} settled")
 
     def _after_exit(self) -> None:
         for region in Path("/dev/shm").glob(f"{self.shm_prefix}*"):

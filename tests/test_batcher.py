@@ -25,12 +25,6 @@ JSON = {"Content-Type": "application/json"}
 MODELS = ["identity_fp32", "picky", "slow"]
 
 
-def executions(triton: TritonServer, model: str) -> tuple[int, int]:
-    """(inferences, executions) the server has made for ``model``: a batch is one execution."""
-    stats = orjson.loads(exchange(triton.url, "GET", f"/v2/models/{model}/stats").body)["model_stats"][0]
-    return int(stats["inference_count"]), int(stats["execution_count"])
-
-
 def json_call(values: list[float], request_id: str, binary: bool = False, delay: float | None = None) -> bytes:
     body: dict[str, object] = {"id": request_id, "inputs": [{"name": "INPUT0", "shape": [1, len(values)],
                                                               "datatype": "FP32", "data": values}]}
@@ -73,16 +67,15 @@ def test_concurrent_callers_share_upstream_calls_and_get_their_own_rows(triton: 
     callers = 48
     values = [[rng.uniform(-1e3, 1e3) for _ in range(3)] for _ in range(callers)]
     bodies = [json_call(v, f"caller-{i}", binary=i % 2 == 1) for i, v in enumerate(values)]
-    before = executions(triton, "identity_fp32")
+    before = triton.model_counts("identity_fp32")
     answers = concurrently(batching.url, "/v2/models/identity_fp32/infer", bodies)
-    after = executions(triton, "identity_fp32")
     assert all(a.status == 200 for a in answers)
     for i, answer in enumerate(answers):
         request_id, out = output_of(answer)
         assert request_id == f"caller-{i}"
         np.testing.assert_array_equal(np.float32(out), np.float32(values[i]))
         assert bool(answer.header("Inference-Header-Content-Length")) == (i % 2 == 1)  # its own encoding
-    inferences, batches = after[0] - before[0], after[1] - before[1]
+    inferences, batches = triton.counts_since("identity_fp32", before, callers)  # a batch is one execution
     assert inferences == callers and batches < callers  # fewer upstream calls than callers
 
 
@@ -115,12 +108,11 @@ def test_one_caller_at_a_time_is_never_held_back(triton: TritonServer, batching:
         return (float(total.split()[-1]) if total else 0.0) - (float(line.split()[-1]) if line else 0.0)
 
     slow_before = waited_count()
-    before = executions(triton, "identity_fp32")
+    before = triton.model_counts("identity_fp32")
     for i in range(20):
         answer = exchange(batching.url, "POST", "/v2/models/identity_fp32/infer", json_call([1.0], f"s{i}"), JSON)
         assert answer.status == 200
-    after = executions(triton, "identity_fp32")
-    assert after[1] - before[1] == 20  # every call its own execution
+    assert triton.counts_since("identity_fp32", before, 20) == (20, 20)  # every call its own execution
     assert waited_count() == slow_before  # none waited half a millisecond or more for a batch
 
 
@@ -131,7 +123,7 @@ def test_a_killed_model_server_fails_every_member_promptly(tmp_path: Path) -> No
                 concurrent.futures.ThreadPoolExecutor(12) as pool:
             bodies = [json_call([float(i)], f"k{i}", delay=1.5) for i in range(12)]
             futures = [pool.submit(exchange, proc.url, "POST", "/v2/models/slow/infer", b, JSON, 30) for b in bodies]
-            wait_until(lambda: executions(triton, "slow")[0] >= 0 and _in_flight(proc) >= 6, 10, "calls in flight")
+            wait_until(lambda: _in_flight(proc) >= 6, 10, "calls in flight")
             triton.kill()
             answers = [f.result(timeout=15) for f in futures]
     assert all(a.status in (502, 504) and "error" in orjson.loads(a.body) for a in answers)

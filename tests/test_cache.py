@@ -61,13 +61,6 @@ def cache_of(answer: Answer) -> str | None:
     return answer.header("x-sidecar-cache")
 
 
-def model_counts(triton: TritonServer, model: str) -> tuple[int, int]:
-    """Triton's own (inference_count, execution_count) for ``model``, all versions together."""
-    stats = orjson.loads(exchange(triton.url, "GET", f"/v2/models/{model}/stats").body)
-    return (sum(int(s["inference_count"]) for s in stats["model_stats"]),
-            sum(int(s["execution_count"]) for s in stats["model_stats"]))
-
-
 def status(sidecar: SidecarProcess) -> dict[str, Any]:
     data: dict[str, Any] = orjson.loads(exchange(sidecar.admin_url, "GET", "/status?format=json").body)
     return data
@@ -139,8 +132,8 @@ def own_triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServe
 def test_json_and_binary_callers_each_get_their_own_encoding_and_id(triton: TritonServer,
                                                                     cached: SidecarProcess) -> None:
     values = [0.1, -2.5, 1024.125, 1e-7, -0.0, 7.0, 65504.0]
+    before = triton.model_counts(IDENTITY)
     assert cache_of(post(cached.url, infer_body(values, rid="first"))) == "miss"
-    before = model_counts(triton, IDENTITY)
     for rid, binary in (("json-caller", False), ("binary-caller", True), ("", False), ("", True)):
         body = infer_body(values, rid=rid or None, binary=binary)
         hit, direct = post(cached.url, body), post(triton.url, body)
@@ -152,8 +145,8 @@ def test_json_and_binary_callers_each_get_their_own_encoding_and_id(triton: Trit
         header, arrays = outputs_of(hit)
         assert header.get("id", "") == rid
         np.testing.assert_array_equal(arrays["OUTPUT0"], np.array([values], dtype=np.float32))
-    after = model_counts(triton, IDENTITY)
-    assert after[0] - before[0] == 4  # the direct calls only: every sidecar answer came from the cache
+    # The first miss and the direct calls only: every other sidecar answer came from the cache.
+    assert triton.counts_since(IDENTITY, before, 5)[0] == 5
 
 
 def test_every_float_is_written_as_triton_writes_it(triton: TritonServer, cached: SidecarProcess) -> None:
@@ -282,12 +275,13 @@ def test_a_replica_answers_from_redis_what_only_another_replica_saw(
         triton: TritonServer, shared_redis: RedisServer, replicas: tuple[SidecarProcess, SidecarProcess]) -> None:
     first, second = replicas
     body = infer_body([11.0, 12.0, 13.0], rid="seen-by-first")
+    before = triton.model_counts(IDENTITY)
     assert cache_of(post(first.url, body)) == "miss"
     wait_until(lambda: shared_keys(shared_redis.url), 10, "the answer written to Redis")
-    before = model_counts(triton, IDENTITY)
     answer = post(second.url, infer_body([11.0, 12.0, 13.0], rid="asked-of-second"))
     assert answer.status == 200 and cache_of(answer) == "hit"
-    assert model_counts(triton, IDENTITY) == before  # neither an inference nor an execution
+    # The first replica's miss only: the second's answer cost neither an inference nor an execution.
+    assert triton.counts_since(IDENTITY, before, 1) == (1, 1)
     header, arrays = outputs_of(answer)
     assert header["id"] == "asked-of-second"
     np.testing.assert_array_equal(arrays["OUTPUT0"], np.array([[11.0, 12.0, 13.0]], dtype=np.float32))
@@ -464,11 +458,11 @@ def slow_path() -> str:
 async def test_identical_concurrent_calls_reach_the_model_server_once(triton: TritonServer,
                                                                       cached: SidecarProcess) -> None:
     values = [51.0, 52.0, 53.0]
-    before = model_counts(triton, "slow")
+    before = triton.model_counts("slow")
     calls = [raw_post(cached.port, slow_path(), infer_body(values, rid=f"caller-{i}", binary=i % 2 == 1,
                                                            parameters={"delay": 1.0})) for i in range(100)]
     replies = await asyncio.gather(*calls)
-    assert model_counts(triton, "slow")[0] == before[0] + 1
+    assert triton.counts_since("slow", before, 1)[0] == 1
     kinds = [r.headers.get("x-sidecar-cache") for r in replies]
     assert kinds.count("miss") == 1 and set(kinds) <= {"miss", "coalesced", "hit"}, kinds
     assert kinds.count("coalesced") >= 50, kinds  # they overlapped: most rode on the one call
@@ -481,7 +475,7 @@ async def test_identical_concurrent_calls_reach_the_model_server_once(triton: Tr
 
 async def test_a_cancelled_leader_leaves_the_others_served(triton: TritonServer, cached: SidecarProcess) -> None:
     values = [61.0, 62.0]
-    before = model_counts(triton, "slow")
+    before = triton.model_counts("slow")
     body = infer_body(values, parameters={"delay": 1.5})
     leader = asyncio.create_task(raw_post(cached.port, slow_path(), body))
     await wait_until_async(lambda: _at_least(cached, "slow", 1), 10, "the leader in flight")
@@ -495,7 +489,7 @@ async def test_a_cancelled_leader_leaves_the_others_served(triton: TritonServer,
         header, arrays = outputs_of(reply.as_answer())
         assert reply.status == 200 and reply.headers["x-sidecar-cache"] == "coalesced" and header["id"] == f"f{i}"
         np.testing.assert_array_equal(arrays["OUTPUT0"], np.array([values], dtype=np.float32))
-    assert model_counts(triton, "slow")[0] == before[0] + 1
+    assert triton.counts_since("slow", before, 1)[0] == 1
     with pytest.raises(asyncio.CancelledError):
         await leader
     # The answer the leader started was stored for everyone after it.
@@ -566,9 +560,9 @@ async def test_every_caller_gets_its_own_answer_under_random_concurrency_and_dis
 
 def test_cache_control_no_store_and_no_cache(triton: TritonServer, cached: SidecarProcess) -> None:
     seen, new, revalidated = infer_body([71.0]), infer_body([72.0]), infer_body([73.0])
-    post(cached.url, seen)
+    before = triton.model_counts(IDENTITY)
+    assert cache_of(post(cached.url, seen)) == "miss"
     assert cache_of(post(cached.url, seen)) == "hit"
-    before = model_counts(triton, IDENTITY)[0]
     no_store = {"Cache-Control": "no-store"}
     # no-store: not read (the model server answers) ...
     assert cache_of(post(cached.url, seen, headers=no_store)) == "bypass"
@@ -579,18 +573,18 @@ def test_cache_control_no_store_and_no_cache(triton: TritonServer, cached: Sidec
     assert cache_of(post(cached.url, seen, headers={"Cache-Control": "max-age=0, no-cache"})) == "miss"
     assert cache_of(post(cached.url, revalidated, headers={"Cache-Control": "no-cache"})) == "miss"
     assert cache_of(post(cached.url, revalidated)) == "hit"
-    assert model_counts(triton, IDENTITY)[0] - before == 5
+    assert triton.counts_since(IDENTITY, before, 6)[0] == 6  # the first miss, then five more
 
 
 def test_credentials_bypass_unless_scoped_and_tenants_never_share(
         triton: TritonServer, cached: SidecarProcess, tmp_path: Path) -> None:
     body = infer_body([81.0, 82.0])
-    post(cached.url, body)
-    before = model_counts(triton, IDENTITY)[0]
+    before = triton.model_counts(IDENTITY)
+    assert cache_of(post(cached.url, body)) == "miss"
     for credentials in ({"Authorization": "Bearer user-a"}, {"Cookie": "session=abc"}):
         for _ in range(2):
             assert cache_of(post(cached.url, body, headers=credentials)) == "bypass"
-    assert model_counts(triton, IDENTITY)[0] - before == 4
+    assert triton.counts_since(IDENTITY, before, 5)[0] == 5  # the miss, then every bypass
 
     with cached_sidecar(triton.url, tmp_path, "--set", "cache.scope_header=X-Tenant") as scoped:
         a = {"Authorization": "Bearer user-a", "X-Tenant": "tenant-a"}
@@ -606,10 +600,10 @@ def test_credentials_bypass_unless_scoped_and_tenants_never_share(
 
 def test_sequence_calls_bypass(triton: TritonServer, cached: SidecarProcess) -> None:
     body = infer_body([91.0], parameters={"sequence_id": 42, "sequence_start": True})
-    before = model_counts(triton, IDENTITY)[0]
+    before = triton.model_counts(IDENTITY)
     answers = [post(cached.url, body) for _ in range(2)]
     assert [cache_of(a) for a in answers] == ["bypass", "bypass"]
-    assert model_counts(triton, IDENTITY)[0] - before == 2
+    assert triton.counts_since(IDENTITY, before, 2)[0] == 2
 
 
 # -- warm from the first request -------------------------------------------------------------------------
@@ -624,10 +618,10 @@ def test_recorded_calls_are_hits_the_moment_the_pod_is_ready(triton: TritonServe
             assert post(recorder.url, recorded).status == 200
     # Leaving the context sends SIGTERM: the recorder flushes what it saw.
     with cached_sidecar(triton.url, tmp_path, "--store", store, "--set", "warmup.max_batch=1") as sidecar:
-        before = model_counts(triton, IDENTITY)
+        before = triton.settled_counts(IDENTITY)  # the warm-up's calls are in
         answer = post(sidecar.url, infer_body([101.0, 102.0, 103.0], rid="first-user"))
         assert answer.status == 200 and cache_of(answer) == "hit"
-        assert model_counts(triton, IDENTITY) == before
+        assert triton.model_counts(IDENTITY) == before
         assert outputs_of(answer)[0]["id"] == "first-user"
 
 

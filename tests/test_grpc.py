@@ -73,12 +73,6 @@ def unary(url: str, method: str, message: bytes, metadata: tuple[tuple[str, str]
         return response, dict(call.initial_metadata()), dict(call.trailing_metadata())
 
 
-def model_counts(triton: TritonServer, model: str) -> tuple[int, int]:
-    stats = orjson.loads(exchange(triton.url, "GET", f"/v2/models/{model}/stats").body)
-    return (sum(int(s["inference_count"]) for s in stats["model_stats"]),
-            sum(int(s["execution_count"]) for s in stats["model_stats"]))
-
-
 def health(url: str, service: str) -> int:
     message = health_pb2.HealthCheckRequest(service=service).SerializeToString()
     with grpc.insecure_channel(url) as channel:
@@ -285,7 +279,7 @@ def test_cached_answers_are_shared_between_http_and_grpc(triton: TritonServer,
                                                          grpc_sidecar: SidecarProcess) -> None:
     for http_first in (True, False):
         data = unique(4)
-        before = model_counts(triton, "identity_fp32")[0]
+        before = triton.model_counts("identity_fp32")
         if http_first:
             assert _http_infer(grpc_sidecar, data)[1] == "miss"
         response, initial, _ = unary(grpc_sidecar.grpc_url, INFER, raw_request("identity_fp32", data, "mine"))
@@ -298,14 +292,14 @@ def test_cached_answers_are_shared_between_http_and_grpc(triton: TritonServer,
         answer = service_pb2.ModelInferResponse.FromString(response)
         assert answer.id == "mine"
         assert np.array_equal(grpcclient.InferResult(answer).as_numpy("OUTPUT0"), data)
-        assert model_counts(triton, "identity_fp32")[0] == before + 1  # one call reached the server
+        assert triton.counts_since("identity_fp32", before, 1)[0] == 1  # one call reached the server
 
 
 def test_http_and_grpc_callers_share_batches(triton: TritonServer, grpc_sidecar: SidecarProcess) -> None:
     """``slow`` (2 instances, 0.3 s per call) is batched by the sidecar: while both instances are busy,
     HTTP and gRPC arrivals gather into shared batches, and each caller gets exactly its own rows."""
     inputs = [unique(3) for _ in range(12)]
-    before = model_counts(triton, "slow")
+    before = triton.model_counts("slow")
 
     def call(i: int) -> list[float]:
         if i % 2:
@@ -317,7 +311,7 @@ def test_http_and_grpc_callers_share_batches(triton: TritonServer, grpc_sidecar:
     with concurrent.futures.ThreadPoolExecutor(len(inputs)) as pool:
         answers = list(pool.map(call, range(len(inputs))))
     assert answers == [d.ravel().tolist() for d in inputs]
-    inferences, executions = (a - b for a, b in zip(model_counts(triton, "slow"), before, strict=True))
+    inferences, executions = triton.counts_since("slow", before, len(inputs))
     assert inferences == len(inputs) and executions < inferences
 
 
@@ -332,12 +326,12 @@ def test_a_call_recorded_from_grpc_is_replayed_by_warm_up(triton: TritonServer, 
         with grpcclient.InferenceServerClient(first.grpc_url) as client:
             client.infer("add_sub", add)
         assert first.terminate() == 0  # the recorder writes what it saw before the store closes
-    before = model_counts(triton, "add_sub")[0]
+    before = triton.settled_counts("add_sub")
     with SidecarProcess(triton.url, tmp_path / "b", "triton", args) as second:
         replayed = wait_until(lambda: _metric(second, 'sidecar_warmup_replayed_total{model="add_sub",outcome="ok"}'),
                               30, "add_sub replayed")
     assert replayed >= 2  # at least the two passes convergence needs
-    assert model_counts(triton, "add_sub")[0] >= before + 2
+    assert triton.counts_since("add_sub", before, 2)[0] >= 2
 
 
 def _metric(sidecar: SidecarProcess, sample: str) -> float:

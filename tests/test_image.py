@@ -101,7 +101,9 @@ def test_wheel_installs_into_a_clean_venv_and_its_commands_work(tmp_path: Path) 
     (wheel,) = wheels.glob("warm_sidecar-*.whl")
     venv.create(tmp_path / "venv", with_pip=True)
     bin_dir = tmp_path / "venv" / "bin"
-    installed = _run([str(bin_dir / "pip"), "install", "-q", str(wheel)], cwd=tmp_path)
+    # With the pins the Dockerfile builds with (constraints.txt): the image's set of versions.
+    installed = _run([str(bin_dir / "pip"), "install", "-q", "-c", str(ROOT / "constraints.txt"), str(wheel)],
+                     cwd=tmp_path)
     assert installed.returncode == 0, installed.stderr[-2000:]
     sidecar = str(bin_dir / "sidecar")
     for args in (["--help"], ["run", "--help"], ["inject", "--help"], ["webhook", "--help"]):

@@ -44,6 +44,19 @@ def batch_counts(triton: TritonServer, model: str) -> dict[int, int]:
     return {int(b["batch_size"]): int(b["compute_infer"]["count"]) for b in stats["model_stats"][0]["batch_stats"]}
 
 
+def ran_batches(triton: TritonServer, model: str, sizes: set[int], times: int = 1) -> dict[int, int]:
+    """``batch_counts`` once each of ``sizes`` ran ``times`` or more. Triton counts an execution just after
+    it answers, so the last pass of a warm-up that just ended may take a moment to show."""
+    def done() -> dict[int, int] | None:
+        counts = batch_counts(triton, model)
+        return counts if all(counts.get(b, 0) >= times for b in sizes) else None
+
+    try:
+        return wait_until(done, 5, f"batch sizes {sorted(sizes)} of {model} run {times}x")
+    except TimeoutError as e:
+        raise AssertionError(f"{e}: {batch_counts(triton, model)}") from None
+
+
 def status(sidecar: SidecarProcess) -> dict:  # type: ignore[type-arg]
     return orjson.loads(exchange(sidecar.admin_url, "GET", "/status?format=json").body)
 
@@ -77,9 +90,7 @@ def test_recorded_traffic_is_replayed_before_ready(cold_triton: TritonServer, tm
     assert batch_counts(cold_triton, "identity_fp32") == {}
     with SidecarProcess(cold_triton.url, tmp_path, "triton", ["--store", store, *FAST]) as sidecar:
         # Ready only now: every recorded shape already ran, at least twice.
-        counts = batch_counts(cold_triton, "identity_fp32")
-        assert {1, 2, 4} <= set(counts), counts
-        assert all(counts[b] >= 2 for b in (1, 2, 4)), counts
+        ran_batches(cold_triton, "identity_fp32", {1, 2, 4}, times=2)
         report = status(sidecar)["last_warmup"]
         assert report["complete"] and report["passes"] >= 2
         assert all(g["converged"] for g in report["groups"])
@@ -99,8 +110,7 @@ def test_seed_requests_and_the_shape_sweep(cold_triton: TritonServer, tmp_path: 
     (seeds / "broken.json").write_bytes(b'{"inputs": "nope"}')  # reported and skipped
     args = ["--store", str(tmp_path / "empty.db"), "--set", f"warmup.seeds={seeds.parent}", *FAST]
     with SidecarProcess(cold_triton.url, tmp_path, "triton", args) as sidecar:
-        counts = batch_counts(cold_triton, "identity_fp32")
-        assert {1, 2, 4, 8} <= set(counts), counts
+        ran_batches(cold_triton, "identity_fp32", {1, 2, 4, 8})
         kinds = {c["kind"] for m in status(sidecar)["plan"] for c in m["calls"]}
         assert kinds == {"seed", "sweep"}
     assert "broken.json skipped" in sidecar.log_path.read_text()
@@ -121,7 +131,7 @@ def test_triton_restart_under_the_sidecar_rewarms(cold_triton: TritonServer, tmp
         cold_triton.start()
         wait_until(lambda: http_status(sidecar.admin_url + "/readyz") == 200, 60, "ready again by itself")
         assert status(sidecar)["warmups_run"] == 2
-        assert {1, 2, 4} <= set(batch_counts(cold_triton, "identity_fp32"))  # the new Triton was re-warmed
+        ran_batches(cold_triton, "identity_fp32", {1, 2, 4})  # the new Triton was re-warmed
 
 
 @pytest.fixture()
@@ -189,7 +199,7 @@ def test_two_sidecars_share_redis_and_survive_its_loss(tmp_path: Path) -> None:
                 capture_output=True, timeout=60).stdout, 10, "the fleet memory in Redis")
             # A second replica that never saw a request warms up with what the first recorded.
             with SidecarProcess(t2.url, tmp_path, "triton", ["--store", store, *FAST]) as second:
-                assert {1, 2, 4} <= set(batch_counts(t2, "identity_fp32"))
+                ran_batches(t2, "identity_fp32", {1, 2, 4})
                 assert status(second)["last_warmup"]["complete"]
             # Redis dies mid-traffic: the request path shows no errors.
             with concurrent.futures.ThreadPoolExecutor(4) as pool:
@@ -289,9 +299,10 @@ def test_a_model_loaded_into_a_running_triton_is_warmed_too(cold_triton: TritonS
         assert exchange(cold_triton.url, "POST", "/v2/repository/models/add_sub/load").status == 200
         wait_until(lambda: status(sidecar)["warmups_run"] == 2 and status(sidecar)["state"] == "warm", 30,
                    "a second warm-up after the load")
-        # Triton may stall its HTTP port while it loads (then the probe times out: "not answering");
-        # if it does not, the new version in its repository index is what moves the state.
-        assert re.search(r"state warm -> cold: model server (not answering|loaded add_sub version 1)",
+        # Triton may stall its HTTP port while it loads (then the probe times out: "not answering"), or
+        # answer not ready while the model loads ("lost readiness"); if neither, the new version in its
+        # repository index is what moves the state.
+        assert re.search(r"state warm -> cold: model server (not answering|lost readiness|loaded add_sub version 1)",
                          sidecar.log_path.read_text())
         # The second warm-up replayed what was recorded in between.
-        assert batch_counts(cold_triton, "identity_fp32").get(2, 0) >= 3
+        ran_batches(cold_triton, "identity_fp32", {2}, times=3)
