@@ -2,9 +2,10 @@
 # `sidecar inject` and `sidecar webhook` (the admission webhook, k8s/webhook) in one image.
 FROM python:3.11-slim AS build
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY sidecar ./sidecar
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+# The versions the test suite passed with (constraints.txt), not whatever resolves on build day.
+RUN pip wheel --no-cache-dir -c constraints.txt --wheel-dir /wheels .
 
 FROM python:3.11-slim
 # Byte code is compiled at install time: the sidecar runs with a read-only root filesystem.

@@ -42,11 +42,13 @@ $(STAMPS)/apt:
 	  fi
 	@touch $@
 
-$(STAMPS)/venv: pyproject.toml
+# constraints.txt pins every package to the versions the tests passed with: left free, a fresh
+# resolve once paired grpcio-tools' newest (protobuf 7) with a years-old tritonclient.
+$(STAMPS)/venv: pyproject.toml constraints.txt
 	@mkdir -p $(STAMPS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
 	@touch $@
 
 clean:
