@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import shutil
 import struct
+import warnings
 from collections.abc import Iterator
 from fractions import Fraction
 
@@ -357,3 +358,12 @@ def test_triton_refuses_fp16_outputs_in_json(triton_floats: TritonServer) -> Non
                       {"Inference-Header-Content-Length": str(len(head))})
     assert answer.status == 400
     assert b"FP16 data via JSON is not supported" in answer.body
+
+
+def test_a_signalling_nan_is_written_as_nan_without_a_warning() -> None:
+    """Widening an FP32 signalling NaN to double raises the FPU's invalid flag, which numpy turns into
+    a RuntimeWarning on the sidecar's stderr: a model's output must never cause that."""
+    values = np.array([0x7FA00000, 0xFFA00001, 0x3F800000], dtype=np.uint32).view(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert json_array(values, non_finite=True) == b"[NaN,NaN,1.0]"

@@ -407,7 +407,8 @@ def json_array(values: npt.ArrayLike, *, non_finite: bool = False) -> bytes:
     have no JSON form: :class:`ValueError`, unless ``non_finite``, which writes them as Triton's
     answers do (RapidJSON's ``kWriteNanAndInfFlag``): ``NaN``, ``Infinity``, ``-Infinity``.
     """
-    doubles = np.ascontiguousarray(values, dtype=np.float64).reshape(-1)
+    with np.errstate(invalid="ignore"):  # a signalling NaN widened warns; it is written as NaN all the same
+        doubles = np.ascontiguousarray(values, dtype=np.float64).reshape(-1)
     finite = np.isfinite(doubles)
     if not finite.all():
         if not non_finite:
