@@ -189,11 +189,14 @@ def test_status_shows_the_plan_that_would_run_now(triton: TritonServer, tmp_path
         assert "identity_fp32" in exchange(proc.admin_url, "GET", "/status").body.decode()
 
 
+# The names of the design notes outside this repository, spelt in pieces so this file does not name them.
+_OUTSIDE = ("DESIGN" + ".md", ".." + "/shared")
+
+
 @pytest.mark.parametrize("name", ["scripts", "tests", "docs", "sidecar", "bench", "k8s"])
 def test_the_project_stands_on_its_own(name: str) -> None:
     root = Path(__file__).resolve().parents[1] / name
     offenders = [str(p) for p in root.rglob("*") if p.is_file() and p.suffix in (".py", ".sh", ".md", ".yaml")
-                 and ("DESIGN.md" in p.read_text(errors="replace") or "../shared" in p.read_text(errors="replace"))
-                 and p.name != "test_lifecycle.py"]
+                 and any(ref in p.read_text(errors="replace") for ref in _OUTSIDE)]
     assert not offenders
 
