@@ -21,6 +21,7 @@ from ..errors import SidecarError
 from ..logs import where
 from ..pipeline.stage import GrpcAnswer
 from ..protocols import kserve_grpc
+from ..protocols.protowire import length_field
 from ..protocols.request import Protocol
 from .grpc_edge import Context, Rpc
 
@@ -141,22 +142,11 @@ _FINAL = b"\x22\x1b\x0a\x15triton_final_response\x12\x02\x08\x01"
 
 def stream_response(infer_response: bytes) -> bytes:
     """ModelStreamInferResponse{infer_response: <the ModelInferResponse>, marked final}, without a round trip."""
-    return _field(2, infer_response + _FINAL)
+    return length_field(2, infer_response + _FINAL)
 
 
 def stream_error(message: str, request_id: str) -> bytes:
     """ModelStreamInferResponse{error_message, infer_response{id}}: how Triton reports a failed request."""
-    return _field(1, message.encode()) + _field(2, _field(3, request_id.encode()) if request_id else b"")
+    answer = length_field(3, request_id.encode()) if request_id else b""
+    return length_field(1, message.encode()) + length_field(2, answer)
 
-
-def _field(number: int, payload: bytes) -> bytes:
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append(n & 0x7F | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)

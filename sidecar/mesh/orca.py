@@ -27,11 +27,11 @@ Encodings, as Envoy's parser (source/common/orca/orca_parser.cc) reads them:
 from __future__ import annotations
 
 import base64
-import struct
 from dataclasses import dataclass
 
 import orjson
 
+from ..protocols.protowire import double_field, length_field
 from ..state import State
 
 FORMAT_HEADER = b"endpoint-load-metrics-format"
@@ -42,7 +42,6 @@ BIN_HEADER = b"endpoint-load-metrics-bin"
 _RPS_FRACTIONAL = 6
 _NAMED_METRICS = 8
 _APPLICATION_UTILIZATION = 9
-_WIRE_FIXED64, _WIRE_LENGTH = 1, 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,28 +113,12 @@ def as_binary(load: LoadReport) -> bytes:
     _double(out, _RPS_FRACTIONAL, load.rps_fractional)
     for name, value in sorted(load.named_metrics):
         # A map entry is a nested message: key = field 1 (string), value = field 2 (double).
-        entry = bytearray()
-        key = name.encode()
-        entry += _tag(1, _WIRE_LENGTH) + _varint(len(key)) + key
-        entry += _tag(2, _WIRE_FIXED64) + struct.pack("<d", value)  # a map value is written even when 0
-        out += _tag(_NAMED_METRICS, _WIRE_LENGTH) + _varint(len(entry)) + entry
+        entry = length_field(1, name.encode()) + double_field(2, value)  # a map value is written even when 0
+        out += length_field(_NAMED_METRICS, entry)
     _double(out, _APPLICATION_UTILIZATION, load.application_utilization)
     return bytes(out)
 
 
 def _double(out: bytearray, field: int, value: float) -> None:
     if value:
-        out += _tag(field, _WIRE_FIXED64) + struct.pack("<d", value)
-
-
-def _tag(field: int, wire_type: int) -> bytes:
-    return _varint(field << 3 | wire_type)
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append(n & 0x7F | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
+        out += double_field(field, value)
