@@ -50,8 +50,9 @@ _NUMPY = {
 
 
 def names(max_size: int = 12) -> st.SearchStrategy[str]:
-    """Any Unicode text JSON can carry (Hypothesis leaves out lone surrogates by default)."""
-    return st.text(max_size=max_size)
+    """Any Unicode text JSON can carry (Hypothesis leaves out lone surrogates by default), but NUL: Triton
+    reads names and ids as C strings, so the codecs do not model a name holding one (tests of their own)."""
+    return st.text(st.characters(blacklist_characters="\0", blacklist_categories=("Cs",)), max_size=max_size)
 
 
 def shapes(
@@ -130,6 +131,25 @@ def param_dicts(
     return st.dictionaries(keys, json_scalars(), max_size=max_size)
 
 
+# Request parameters the server takes for itself (InferenceRequest.options) or refuses as a model's own.
+SERVER_PARAMS = frozenset({"priority", "timeout", "binary_data_output", "sequence_id", "sequence_start",
+                           "sequence_end"})
+
+
+def model_param_dicts(max_size: int = 4) -> st.SearchStrategy[dict[str, Any]]:
+    """Request parameters a model sees, of the kinds both Triton fronts read exactly as the codecs do:
+    strings, booleans and int64 integers, under keys the server leaves to the model."""
+    keys = names(8).filter(lambda k: k not in SERVER_PARAMS and not k.startswith("triton_"))
+    values = st.booleans() | st.integers(-(2**63), 2**63 - 1) | names(8)
+    return st.dictionaries(keys, values, max_size=max_size)
+
+
+def option_dicts() -> st.SearchStrategy[dict[str, Any]]:
+    """Scheduling options both fronts accept (uint64 priority, int64-range timeout)."""
+    return st.fixed_dictionaries({}, optional={"priority": st.integers(0, 2**63 - 1),
+                                               "timeout": st.integers(0, 2**63 - 1)})
+
+
 @st.composite
 def requested_outputs(draw: st.DrawFn) -> RequestedOutput:
     return RequestedOutput(
@@ -164,7 +184,8 @@ def inference_requests(
             )
         ),
         outputs=tuple(draw(st.lists(requested_outputs(), max_size=3))),
-        parameters=freeze_params(draw(param_dicts())),
+        parameters=freeze_params(draw(model_param_dicts())),
+        options=freeze_params(draw(option_dicts())),
         id=draw(names()),
     )
 

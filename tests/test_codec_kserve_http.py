@@ -31,9 +31,9 @@ from tests.strategies import (
     inference_requests,
     inference_responses,
     json_values,
+    model_param_dicts,
     mutated,
     names,
-    param_dicts,
     shapes,
     tensor_data,
     tensors,
@@ -144,7 +144,8 @@ def test_json_answers_write_non_finite_values_and_raw_strings_as_triton_does() -
     assert b'"data":["q\\"\\\\\\u001F\\n","\xff","\xc3\xa9"]' in body
 
 
-JSON_DATATYPES = [d for d in DATATYPES if d not in ("FP16", "BF16")]
+# FP16/BF16 have no JSON form; FP64 has one Triton reads inexactly (RapidJSON without full precision).
+JSON_DATATYPES = [d for d in DATATYPES if d not in ("FP16", "BF16", "FP64")]
 
 
 @SLOW_OK
@@ -213,8 +214,11 @@ def test_json_floats_round_trip_bit_exactly(bits32: list[int], bits64: list[int]
         ),
     )
     body, header_length = codec.encode_request(req, binary_inputs=False)
-    assert header_length is None
-    assert codec.decode_request("m", "", body, None) == req
+    doc = orjson.loads(body[:header_length])
+    # FP32 goes as JSON (the exact doubles the floats widen to: no rounding for the server to get wrong);
+    # FP64 goes binary, the one form Triton reads exactly.
+    assert "data" in doc["inputs"][0] and "data" not in doc["inputs"][1]
+    assert codec.decode_request("m", "", body, header_length) == req
 
 
 def test_extreme_values_in_json() -> None:
@@ -224,7 +228,7 @@ def test_extreme_values_in_json() -> None:
         "INT8": [-128, 127],
         "UINT8": [0, 255],
         "FP32": [float(np.finfo(np.float32).max), float(np.finfo(np.float32).smallest_subnormal), -0.0],
-        "FP64": [float(np.finfo(np.float64).max), 5e-324, -0.0],
+        "FP64": [2**53, -(2**53), 0],  # FP64 integers are exact; fractions are not modelled (see below)
     }
     dtypes = {"UINT64": "<u8", "INT64": "<i8", "INT8": "<i1", "UINT8": "<u1", "FP32": "<f4", "FP64": "<f8"}
     for datatype, values in cases.items():
@@ -336,7 +340,8 @@ def test_request_fields_are_kept() -> None:
     )
     req = codec.decode_request("m", "2", body, None)
     assert req.id == "req-1" and req.version == "2"
-    assert thaw_params(req.parameters) == {"priority": 2, "binary_data_output": True, "custom": "x"}
+    assert thaw_params(req.parameters) == {"custom": "x"}  # what the model sees
+    assert thaw_params(req.options) == {"priority": 2, "binary_data_output": True}  # what Triton takes itself
     # Input parameters other than binary_data_size describe the wire only, so they are dropped.
     assert req.inputs == (Tensor("in", "INT64", (1,), struct.pack("<q", 5)),)
     assert req.outputs == (
@@ -419,17 +424,12 @@ _NUMPY = {
 }
 
 
-_RESERVED = frozenset(
-    {"sequence_id", "sequence_start", "sequence_end", "priority", "timeout", "binary_data_output"}
-)
-
-
 @SLOW_OK
 @given(
     st.lists(tensors(), max_size=4),
     st.lists(st.tuples(names(), st.booleans()), max_size=3),
     names(),
-    param_dicts(exclude=_RESERVED).map(lambda d: {k: v for k, v in d.items() if not k.startswith("triton_")}),
+    model_param_dicts(),
     st.booleans(),
 )
 def test_tritonclient_request_bodies_decode_to_the_canonical_request(
@@ -443,7 +443,8 @@ def test_tritonclient_request_bodies_decode_to_the_canonical_request(
     infer_inputs = []
     for t in inputs:
         infer_input = http.InferInput(t.name, list(t.shape), t.datatype)
-        as_binary = binary or t.datatype in ("FP16", "BF16") or not _utf8(t)
+        # FP64 as JSON is read inexactly by Triton, so the codec does not model it (tested on its own).
+        as_binary = binary or t.datatype in ("FP16", "BF16", "FP64") or not _utf8(t)
         infer_input.set_data_from_numpy(_to_numpy(t), binary_data=as_binary)
         infer_inputs.append(infer_input)
     requested = [http.InferRequestedOutput(name, binary_data=b) for name, b in outputs]
@@ -451,13 +452,13 @@ def test_tritonclient_request_bodies_decode_to_the_canonical_request(
         infer_inputs, outputs=requested, request_id=request_id, parameters=params or None
     )
     got = codec.decode_request("m", "", body, header_length)
-    expected_params = dict(params) if outputs else {**params, "binary_data_output": True}
     want = InferenceRequest(
         Protocol.KSERVE_HTTP,
         "m",
         inputs=tuple(inputs),
         outputs=tuple(RequestedOutput(name, binary=b) for name, b in outputs),
-        parameters=freeze_params(expected_params),
+        parameters=freeze_params(params),
+        options=freeze_params({} if outputs else {"binary_data_output": True}),
         id=request_id,
     )
     _assert_same_request(got, want)

@@ -35,15 +35,15 @@ def route_of(request: InferenceRequest) -> dispatch.InferenceRoute:
 def test_a_memo_is_shared_exactly_by_identical_bytes(calls: list[tuple[InferenceRequest, bool, bool]],
                                                      rng: object) -> None:
     decoder = RequestDecoder(1 << 20, 0, 1 << 24)
-    seen: dict[tuple[bytes, tuple[bytes, ...], bytes | None], object] = {}
+    seen: dict[tuple[bytes, tuple[bytes, ...], tuple[bytes, ...]], object] = {}
     for request, binary, compressed in calls * 2:  # every call twice: the second must reuse
         body, lengths = wire(request, binary)
-        encoding = b"gzip" if compressed else None
+        encoding = [b"gzip"] if compressed else []
         sent = gzip.compress(body, mtime=0) if compressed else body
         memo = decoder.remembered(ROUTE, sent, lengths, encoding)
         # Always what a fresh decode gives ...
         assert memo.request == dispatch.decode_wire(ROUTE, sent, lengths, encoding, 1 << 24)
-        key = (sent, tuple(lengths), encoding)
+        key = (sent, tuple(lengths), tuple(encoding))
         if len(sent) <= decoding._MEMO_BODY:
             # ... the same object for the same bytes, never for other bytes.
             assert seen.setdefault(key, memo) is memo
@@ -55,21 +55,21 @@ def test_the_memo_is_bounded_in_entries_and_body_size() -> None:
     decoder = RequestDecoder(1 << 20, 0, 1 << 24)
     template = b'{"inputs":[{"name":"I","shape":[1,1],"datatype":"FP32","data":[%d]}]}'
     for n in range(decoding._MEMO_ENTRIES + 50):
-        decoder.remembered(ROUTE, template % n, [], None)
+        decoder.remembered(ROUTE, template % n, [], [])
     assert len(decoder._memo) == decoding._MEMO_ENTRIES
     big = b'{"inputs":[{"name":"I","shape":[1,%d],"datatype":"FP32","data":[%s]}]}'
     count = decoding._MEMO_BODY // 2
     body = big % (count, b",".join([b"1"] * count))
     assert len(body) > decoding._MEMO_BODY
-    first, second = decoder.remembered(ROUTE, body, [], None), decoder.remembered(ROUTE, body, [], None)
+    first, second = decoder.remembered(ROUTE, body, [], []), decoder.remembered(ROUTE, body, [], [])
     assert first is not second and first.request == second.request
 
 
 def test_the_route_is_part_of_what_is_shared() -> None:
     decoder = RequestDecoder(1 << 20, 0, 1 << 24)
     body = b'{"inputs":[{"name":"I","shape":[1,1],"datatype":"FP32","data":[1]}]}'
-    a = decoder.remembered(ROUTE, body, [], None)
-    b = decoder.remembered(dispatch.InferenceRoute(Protocol.KSERVE_HTTP, "other", ""), body, [], None)
-    c = decoder.remembered(dispatch.InferenceRoute(Protocol.KSERVE_HTTP, "m", "2"), body, [], None)
+    a = decoder.remembered(ROUTE, body, [], [])
+    b = decoder.remembered(dispatch.InferenceRoute(Protocol.KSERVE_HTTP, "other", ""), body, [], [])
+    c = decoder.remembered(dispatch.InferenceRoute(Protocol.KSERVE_HTTP, "m", "2"), body, [], [])
     assert (a.request.model, b.request.model, c.request.version) == ("m", "other", "2")
     assert len({id(a), id(b), id(c)}) == 3

@@ -103,7 +103,7 @@ def _tritonclient_pair(data: np.ndarray, **kw: object) -> tuple[InferenceRequest
 @pytest.mark.parametrize("kw", [
     {},
     {"binary": False},
-    {"parameters": {"delay": 0.25, "flag": True, "count": 3, "label": "x"}},
+    {"parameters": {"flag": True, "count": 3, "label": "x"}},
     {"priority": 2, "timeout": 5000},
     {"class_count": 2},
 ])
@@ -118,11 +118,12 @@ def test_parameter_types_keep_their_meaning() -> None:
     msg = service_pb2.ModelInferRequest(model_name="m")
     msg.parameters["b"].bool_param = True
     msg.parameters["i"].int64_param = -3
-    msg.parameters["u"].uint64_param = 2**64 - 1
     msg.parameters["s"].string_param = "text"
     msg.parameters["d"].double_param = 1.0
+    msg.parameters["priority"].uint64_param = 2**64 - 1
     req = kserve_grpc.decode_request(msg.SerializeToString())
-    assert thaw_params(req.parameters) == {"b": True, "i": -3, "u": 2**64 - 1, "s": "text", "d": 1.0}
+    assert thaw_params(req.parameters) == {"b": True, "i": -3, "s": "text", "d": 1.0}
+    assert thaw_params(req.options) == {"priority": 2**64 - 1}  # Triton's own; the model never sees it
     # A double 1.0 and an integer 1 mean different things to Triton, so they stay different calls.
     assert dict(req.parameters)["d"] == "1.0"
     again = kserve_grpc.decode_request(kserve_grpc.encode_request(req))
@@ -187,7 +188,18 @@ def test_what_is_not_modelled_is_refused_by_name() -> None:
     _refused(count, "2 entries for 1 inputs")
     nan = base()
     nan.parameters["p"].double_param = float("nan")
-    _refused(nan, "non-finite double")
+    _refused(nan, "parameters.p: a double_param")
+    for key, field, value in [("u", "uint64_param", 5), ("priority", "int64_param", -1),
+                              ("priority", "string_param", "1"), ("timeout", "uint64_param", 5),
+                              ("sequence_id", "uint64_param", 5), ("sequence_start", "int64_param", 1),
+                              ("binary_data_output", "bool_param", True)]:
+        # Each refused by Triton's gRPC front (or, binary_data_output, read differently from HTTP).
+        bad = base()
+        setattr(bad.parameters[key], field, value)
+        _refused(bad, f"parameters.{key}")
+    named = base()
+    named.inputs[0].name = "x\0y"  # Triton reads names as C strings: "x"
+    _refused(named, "NUL")
     with pytest.raises(DecodeError, match="not a valid ModelInferRequest"):
         kserve_grpc.decode_request(b"\xff\xff\xff")
     unknown = base().SerializeToString() + b"\xf8\x07\x01"  # field 127, varint: no such field

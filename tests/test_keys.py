@@ -7,7 +7,7 @@ import dataclasses
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sidecar.cache.keys import batch_size, request_key, shape_signature
+from sidecar.cache.keys import batch_size, cache_key, request_key, shape_signature
 from sidecar.protocols import kserve_http
 from sidecar.protocols.request import InferenceRequest, Protocol, Tensor, freeze_params
 from tests.strategies import inference_requests
@@ -27,12 +27,22 @@ def test_key_ignores_wire_form(req: InferenceRequest) -> None:
 
 
 @given(inference_requests(unique_names=True))
-def test_key_ignores_id_and_wire_params(req: InferenceRequest) -> None:
-    if any(k == "binary_data_output" for k, _ in req.parameters):
-        return
-    params = tuple(sorted((*req.parameters, *freeze_params({"binary_data_output": True}))))
-    other = dataclasses.replace(req, id="other-id", parameters=params)
+def test_key_ignores_id_and_options(req: InferenceRequest) -> None:
+    """Options are what the server consumes (wire form, scheduling): the model never sees them."""
+    options = freeze_params({"binary_data_output": True, "priority": 3, "timeout": 100})
+    other = dataclasses.replace(req, id="other-id", options=options)
     assert request_key(other) == request_key(req)
+    assert cache_key(other, "g") == cache_key(req, "g")
+
+
+@given(inference_requests(unique_names=True), st.sampled_from(["binary_data_output", "priority", "headers"]))
+def test_a_parameter_the_model_sees_is_identity_whatever_its_name(req: InferenceRequest, name: str) -> None:
+    """Over gRPC, "binary_data_output" reaches the model as its own parameter: canonical parameters are
+    exactly what the model sees, so each one changes the key."""
+    params = tuple(p for p in req.parameters if p[0] != name)
+    plain = dataclasses.replace(req, parameters=params)
+    marked = dataclasses.replace(req, parameters=tuple(sorted((*params, (name, "true")))))
+    assert request_key(plain) != request_key(marked)
 
 
 @given(inference_requests(unique_names=True), st.binary(min_size=1, max_size=8))

@@ -1,8 +1,11 @@
 """Request identity: one digest for "the same call", whatever wire form carried it.
 
-The recorder counts requests by it and the response cache will key on it. It covers
-everything that changes the answer (model, version, call, inputs, requested outputs,
-parameters) and nothing that does not (request id, JSON vs binary encoding, header order).
+The recorder counts requests by it and the response cache keys on it. It covers everything the
+model sees (model, version, call, inputs, requested outputs, the parameters the model reads) and
+nothing that only the server or the wire consumes (request id, JSON vs binary encoding, priority,
+timeout: ``InferenceRequest.options``). What travels outside the body but reaches the model
+(forwarded headers, a restriction key: ``protocols.forwarded``) and the cache's scope are added by
+the cache as ``scope``.
 """
 
 from __future__ import annotations
@@ -12,14 +15,10 @@ import struct
 
 from ..protocols.request import InferenceRequest, Params, RequestedOutput, Tensor
 
-# Parameters that only choose a wire form or a scheduling hint, not the answer.
-_WIRE_ONLY_PARAMS = frozenset({"binary_data_output", "binary_data_size", "binary_data", "priority", "timeout"})
-# TF Serving REST's row or columnar form (``instances``/``predictions`` or ``inputs``/``outputs``) holds the
-# same tensors and gets the same answer: one cached answer serves both, encoded for each caller. Only for
-# TF Serving, whose request parameters are the codec's own; a KServe parameter "format" reaches the model.
-_TF_CACHE_WIRE_ONLY = _WIRE_ONLY_PARAMS | {"format"}
-# Parameters of stateful (sequence) calls: their answer depends on what came before.
-_SEQUENCE_PARAMS = frozenset({"sequence_id", "sequence_start", "sequence_end"})
+# Output parameters that choose only a wire form (HTTP's binary_data; Triton's gRPC front ignores it).
+_WIRE_ONLY_OUTPUT_PARAMS = frozenset({"binary_data"})
+# Options (parameters the server consumes) of stateful calls: their answer depends on what came before.
+_SEQUENCE_OPTIONS = frozenset({"sequence_id", "sequence_start", "sequence_end"})
 
 
 _U64 = struct.Struct("<Q").pack
@@ -34,7 +33,7 @@ def _framed(out: list[bytes], part: bytes) -> None:
     out.append(part)
 
 
-def _params(out: list[bytes], params: Params, wire_only: frozenset[str] = _WIRE_ONLY_PARAMS) -> None:
+def _params(out: list[bytes], params: Params, wire_only: frozenset[str] = frozenset()) -> None:
     kept = [(k, v) for k, v in params if k not in wire_only]
     out.append(_U32(len(kept)))
     for k, v in kept:
@@ -51,29 +50,31 @@ def cache_key(req: InferenceRequest, generation: str, scope: bytes = b"") -> byt
     """256-bit digest of a cached answer's identity: the request's, the generation of the model that
     answers it (versions served, reloads seen: an unversioned call never gets an answer of a version
     no longer loaded) and the caller's scope (a tenant header's value, when configured)."""
-    return _identity(req, 32, cache=True, tail=(generation.encode(), scope)).digest()
+    return _identity(req, 32, tail=(generation.encode(), scope)).digest()
 
 
 def is_stateful(req: InferenceRequest) -> bool:
-    """A call of a sequence (Triton's sequence batcher): never cached, never batched with others."""
-    return any(k in _SEQUENCE_PARAMS for k, _ in req.parameters)
+    """A call of a sequence (Triton's sequence batcher): never cached, batched, recorded or replayed."""
+    return any(k in _SEQUENCE_OPTIONS for k, _ in req.options)
 
 
 def _by_name(t: Tensor | RequestedOutput) -> str:
     return t.name
 
 
-def _identity(req: InferenceRequest, size: int, cache: bool = False, tail: tuple[bytes, ...] = ()) -> hashlib.blake2b:
+def _identity(req: InferenceRequest, size: int, tail: tuple[bytes, ...] = ()) -> hashlib.blake2b:
     """The digest state of everything that makes the answer. The byte stream hashed is fixed (recorded
     traffic is keyed by it): framed parts, collected and hashed in few updates because this runs for
     every call, twice (the recorder's key and the cache's)."""
     h = hashlib.blake2b(digest_size=size)
-    # KServe HTTP and gRPC calls of one model are the same call; so are TF REST and gRPC.
-    family = "kserve" if req.protocol.value.startswith("kserve") else "tfserving"
+    # KServe HTTP and gRPC calls of one model are the same call: both name each tensor's datatype, and
+    # Triton checks it the same way. TF Serving REST JSON has no datatypes (the server casts to the
+    # signature's), its gRPC tensors do (and must match): their canonical forms mean different things.
+    family = "kserve" if req.protocol.value.startswith("kserve") else req.protocol.value
     out: list[bytes] = []
     for part in (family, req.model, req.version, req.method):
         _framed(out, part.encode())
-    _params(out, req.parameters, _TF_CACHE_WIRE_ONLY if cache and family == "tfserving" else _WIRE_ONLY_PARAMS)
+    _params(out, req.parameters)  # what the model sees; options (priority, wire forms) change no answer
     out.append(_U32(len(req.inputs)))
     for t in sorted(req.inputs, key=_by_name) if len(req.inputs) > 1 else req.inputs:
         _framed(out, t.name.encode())
@@ -89,7 +90,7 @@ def _identity(req: InferenceRequest, size: int, cache: bool = False, tail: tuple
     out.append(_U32(len(req.outputs)))
     for o in sorted(req.outputs, key=_by_name) if len(req.outputs) > 1 else req.outputs:
         _framed(out, o.name.encode())
-        _params(out, o.parameters)
+        _params(out, o.parameters, _WIRE_ONLY_OUTPUT_PARAMS)
     for extra in tail:
         _framed(out, extra)
     h.update(b"".join(out))

@@ -31,7 +31,7 @@ log = logging.getLogger("sidecar.decode")
 # and the front's encoded answers of at most 4 KiB each), least recently used out first.
 _MEMO_ENTRIES = 2048
 _MEMO_BODY = 4096
-MemoKey = tuple[dispatch.InferenceRoute, tuple[bytes, ...], bytes | None, bytes]
+MemoKey = tuple[dispatch.InferenceRoute, tuple[bytes, ...], tuple[bytes, ...], bytes]
 
 
 class RequestDecoder:
@@ -47,33 +47,33 @@ class RequestDecoder:
         return f"<RequestDecoder inline<={self.inline_bytes} workers={self.workers} offloaded={self.offloaded}>"
 
     def remembered(self, route: dispatch.InferenceRoute, body: bytes, header_lengths: list[bytes],
-                   encoding: bytes | None) -> Memo:
+                   encodings: list[bytes]) -> Memo:
         """The shared Memo of a small request decoded before; decodes (and remembers) it otherwise. Raises
         as ``decode`` does; what does not decode is never remembered."""
         if len(body) > _MEMO_BODY:
-            return Memo(dispatch.decode_wire(route, body, header_lengths, encoding, self.max_decoded_bytes))
-        key = (route, tuple(header_lengths), encoding, body)
+            return Memo(dispatch.decode_wire(route, body, header_lengths, encodings, self.max_decoded_bytes))
+        key = (route, tuple(header_lengths), tuple(encodings), body)
         memo = self._memo.get(key)
         if memo is not None:
             self._memo.move_to_end(key)
             return memo
-        memo = Memo(dispatch.decode_wire(route, body, header_lengths, encoding, self.max_decoded_bytes))
+        memo = Memo(dispatch.decode_wire(route, body, header_lengths, encodings, self.max_decoded_bytes))
         if len(self._memo) >= _MEMO_ENTRIES:
             self._memo.popitem(last=False)
         self._memo[key] = memo
         return memo
 
     async def decode(self, route: dispatch.InferenceRoute, body: bytes, header_lengths: list[bytes],
-                     encoding: bytes | None) -> Memo:
+                     encodings: list[bytes]) -> Memo:
         """The canonical request, in a Memo shared by identical small bodies decoded on the loop;
         DecodeError when the codecs cannot model it, UnsafeInput to refuse it."""
         if len(body) <= self.inline_bytes or self.workers == 0:
-            return self.remembered(route, body, header_lengths, encoding)
+            return self.remembered(route, body, header_lengths, encodings)
         self.offloaded += 1
         loop = asyncio.get_running_loop()
         try:
             return Memo(await loop.run_in_executor(self._executor(), dispatch.decode_wire, route, body,
-                                                   header_lengths, encoding, self.max_decoded_bytes))
+                                                   header_lengths, encodings, self.max_decoded_bytes))
         except BrokenProcessPool:
             log.warning("a decoding worker died; replacing it (the call goes upstream unmodelled)")
             self._pool = None

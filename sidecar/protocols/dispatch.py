@@ -50,15 +50,18 @@ def decode(route: InferenceRoute, body: bytes, header_length: int | None) -> Inf
     return tfserving_rest.decode_request(route.model, route.version, route.label, route.method, body)
 
 
-def decode_wire(route: InferenceRoute, body: bytes, header_lengths: list[bytes], encoding: bytes | None,
+def decode_wire(route: InferenceRoute, body: bytes, header_lengths: list[bytes], encodings: list[bytes],
                 limit: int) -> InferenceRequest:
     """Decode a request as it came off the wire; DecodeError when it cannot be modelled, UnsafeInput when the
     model server must not see it, PayloadTooLarge when it decompresses past ``limit``.
 
     ``header_lengths`` are the raw Inference-Header-Content-Length values (normally none or one);
-    ``encoding`` the raw Content-Encoding."""
-    if encoding is not None:
-        body = compression.decompress(encoding, body, limit)
+    ``encodings`` the raw Content-Encoding values (normally none or one)."""
+    if len(encodings) > 1:
+        # Triton reads the first and ignores the rest: one reading of "which coding" is all the sidecar models.
+        raise DecodeError("Content-Encoding: given more than once")
+    if encodings:
+        body = compression.decompress(encodings[0], body, limit)
     if route.protocol is Protocol.KSERVE_HTTP:
         safety.check(body, header_lengths)
     if len(header_lengths) > 1:
@@ -67,10 +70,11 @@ def decode_wire(route: InferenceRoute, body: bytes, header_lengths: list[bytes],
 
 
 def parse_length(value: bytes | None) -> int | None:
-    """A strict non-negative decimal (ASCII digits only, at most 19 of them); DecodeError otherwise."""
+    """A strict non-negative decimal (ASCII digits only, at most 19 of them); DecodeError otherwise. (Triton
+    reads it with atoi, which takes more spellings: those it reads alike are left to it, not modelled.)"""
     if value is None:
         return None
-    text = value.strip()
+    text = value
     if not text or len(text) > 19 or not text.isdigit():  # bytes.isdigit is ASCII-only
         raise DecodeError("Inference-Header-Content-Length: expected a non-negative integer")
     return int(text)
@@ -102,8 +106,9 @@ def encode_answer(request: InferenceRequest, response: InferenceResponse) -> tup
         return [(b"Content-Type", JSON)], body
     outputs = response.outputs
     if request.outputs:
-        by_name = {t.name: t for t in outputs}
-        outputs = tuple(by_name[o.name] for o in request.outputs if o.name in by_name)
+        # In the answer's own order (the model's), as the server lists them, not in the order asked.
+        asked = {o.name for o in request.outputs}
+        outputs = tuple(t for t in outputs if t.name in asked)
     wanted = dataclasses.replace(response, outputs=outputs, id=request.id)
     body, header_length = kserve_http.encode_response(wanted, binary_outputs(request, wanted))
     if header_length is None:
@@ -127,7 +132,7 @@ def encode_http(request: InferenceRequest) -> tuple[bytes, tuple[Header, ...], b
 
 def binary_outputs(request: InferenceRequest, response: InferenceResponse) -> frozenset[str]:
     """The outputs the caller asked to receive in the binary section (Triton's rules)."""
-    everything = any(k == BINARY_OUTPUT_PARAM and v == "true" for k, v in request.parameters)
+    everything = any(k == BINARY_OUTPUT_PARAM and v == "true" for k, v in request.options)
     asked = {o.name: o.binary for o in request.outputs}
     return frozenset(t.name for t in response.outputs
                      if asked.get(t.name) is True or (everything and asked.get(t.name) is not False))

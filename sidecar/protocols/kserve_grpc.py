@@ -17,6 +17,7 @@ ships, generated from Triton's ``grpc_service.proto``) and the canonical types o
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -25,6 +26,7 @@ from google.protobuf.unknown_fields import UnknownFieldSet
 from tritonclient.grpc import service_pb2
 
 from ..errors import DecodeError
+from . import ambiguity, safety
 from .request import (
     DATATYPE_SIZES,
     InferenceRequest,
@@ -54,6 +56,8 @@ _CONTENTS: dict[str, tuple[str, str]] = {
     "BYTES": ("bytes_contents", ""),
 }
 _INT64 = (-(2**63), 2**63 - 1)
+# Options only the HTTP front takes: over gRPC they would reach the model as its own parameters.
+_HTTP_ONLY_OPTIONS = frozenset({"binary_data_output"})
 _UINT64_MAX = 2**64 - 1
 
 
@@ -63,14 +67,22 @@ _UINT64_MAX = 2**64 - 1
 
 def decode_request(message: bytes) -> InferenceRequest:
     """A serialized ModelInferRequest in canonical form; DecodeError naming the field when it cannot be."""
-    msg = _parse(service_pb2.ModelInferRequest, message, "ModelInferRequest")
+    msg = _parse(service_pb2.ModelInferRequest, message, "ModelInferRequest", unknown_fields=False)
     raw = msg.raw_input_contents
+    for i, t in enumerate(msg.inputs):  # before anything else: even a call not modelled must not crash the server
+        safety.check_counted(t.shape, t.datatype, _data_size(t, raw[i] if i < len(raw) else None),
+                             f"inputs[{i}].shape")
+    if len(UnknownFieldSet(msg)):
+        raise DecodeError("message: fields unknown to the sidecar's ModelInferRequest")
     if raw and len(raw) != len(msg.inputs):
         raise DecodeError(f"raw_input_contents: {len(raw)} entries for {len(msg.inputs)} inputs")
     inputs = tuple(_decode_input(t, f"inputs[{i}]", raw[i] if raw else None) for i, t in enumerate(msg.inputs))
     outputs = tuple(_decode_requested_output(o, f"outputs[{i}]") for i, o in enumerate(msg.outputs))
+    for text, field in ((msg.model_name, "model_name"), (msg.model_version, "model_version"), (msg.id, "id")):
+        ambiguity.check_text(text, field)
+    parameters, options = _request_params(msg.parameters)
     return InferenceRequest(Protocol.KSERVE_GRPC, msg.model_name, msg.model_version, "infer", inputs, outputs,
-                            decode_params(msg.parameters, "parameters"), msg.id)
+                            parameters, options, msg.id)
 
 
 def model_of(message: bytes) -> str:
@@ -91,6 +103,7 @@ def encode_request(req: InferenceRequest) -> bytes:
     """As tritonclient sends it: every input in raw_input_contents. ValueError for unencodable values."""
     msg = service_pb2.ModelInferRequest(model_name=req.model, model_version=req.version, id=req.id)
     encode_params(msg.parameters, req.parameters)
+    encode_params(msg.parameters, tuple(p for p in req.options if p[0] not in _HTTP_ONLY_OPTIONS))
     for t in req.inputs:
         _check_size(t)
         msg.inputs.add(name=t.name, datatype=t.datatype, shape=t.shape)
@@ -102,6 +115,7 @@ def encode_request(req: InferenceRequest) -> bytes:
 
 
 def _decode_input(t: Any, field: str, raw: bytes | None) -> Tensor:
+    ambiguity.check_text(t.name, f"{field}.name")
     if t.parameters:
         # Shared-memory inputs (data not in the message) and parameters the sidecar does not know.
         raise DecodeError(f"{field}.parameters.{sorted(t.parameters)[0]}: not modelled by the sidecar")
@@ -116,10 +130,61 @@ def _decode_input(t: Any, field: str, raw: bytes | None) -> Tensor:
                                                              f"{field}.contents"))
 
 
+def _data_size(t: Any, raw: bytes | None) -> int:
+    """What Triton compares the shape with: raw bytes, or typed contents (BYTES: elements, else bytes)."""
+    if raw is not None:
+        return len(raw)
+    wanted = _CONTENTS.get(t.datatype)
+    n = len(getattr(t.contents, wanted[0])) if wanted is not None else 0
+    return n if t.datatype == "BYTES" else n * (DATATYPE_SIZES.get(t.datatype) or 1)
+
+
 def _decode_requested_output(o: Any, field: str) -> RequestedOutput:
+    ambiguity.check_text(o.name, f"{field}.name")
     if any(k.startswith("shared_memory") for k in o.parameters):
         raise DecodeError(f"{field}.parameters: shared-memory outputs are not modelled by the sidecar")
     return RequestedOutput(o.name, None, decode_params(o.parameters, f"{field}.parameters"))
+
+
+def _request_params(params: Any) -> tuple[Params, Params]:
+    """(what the model sees, what the server consumes) of a request's parameters, each checked as Triton's
+    gRPC front checks it; DecodeError for any value the server refuses."""
+    seen: dict[str, Any] = {}
+    consumed: dict[str, Any] = {}
+    for key, p in params.items():
+        ambiguity.check_text(key, "parameters")
+        kind = p.WhichOneof("parameter_choice")
+        value: Any = getattr(p, kind) if kind is not None else None
+        check = _SERVER_PARAMS.get(key)
+        if check is not None:
+            if not check(kind, value):
+                raise DecodeError(f"parameters.{key}: a value the model server refuses")
+            consumed[key] = value
+        elif kind in ("bool_param", "int64_param") or (kind == "double_param" and math.isfinite(value)):
+            seen[key] = value
+        elif kind == "string_param":
+            ambiguity.check_text(value, f"parameters.{key}")
+            seen[key] = value
+        else:
+            # uint64 (the server refuses it for a model's parameters), a non-finite double (no JSON form), unset.
+            raise DecodeError(f"parameters.{key}: a {kind} value is not modelled")
+    return freeze_params(seen), freeze_params(consumed)
+
+
+def _unsigned(kind: str | None, value: Any) -> bool:
+    return kind == "uint64_param" or (kind == "int64_param" and value >= 0)
+
+
+# Request parameters Triton's gRPC front takes for itself, with its checks. (``binary_data_output`` is not one
+# of them over gRPC: it reaches the model, but would not over HTTP, so such a call is not modelled.)
+_SERVER_PARAMS: dict[str, Callable[[str | None, Any], bool]] = {
+    "priority": _unsigned,
+    "timeout": lambda kind, value: kind == "int64_param" and value >= 0,
+    "sequence_id": lambda kind, value: kind == "int64_param" or (kind == "string_param" and "\0" not in value),
+    "sequence_start": lambda kind, _: kind == "bool_param",
+    "sequence_end": lambda kind, _: kind == "bool_param",
+    "binary_data_output": lambda _kind, _value: False,
+}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -153,8 +218,9 @@ def encode_response(request: InferenceRequest, response: InferenceResponse) -> b
     every output in raw_output_contents as Triton writes it. ValueError when a value cannot be encoded."""
     outputs = response.outputs
     if request.outputs:
-        by_name = {t.name: t for t in outputs}
-        outputs = tuple(by_name[o.name] for o in request.outputs if o.name in by_name)
+        # In the answer's own order (the model's), as the server lists them, not in the order asked.
+        asked = {o.name for o in request.outputs}
+        outputs = tuple(t for t in outputs if t.name in asked)
     msg = service_pb2.ModelInferResponse(model_name=response.model or request.model,
                                          model_version=response.version, id=request.id)
     encode_params(msg.parameters, response.parameters)
@@ -210,12 +276,12 @@ def encode_params(target: Any, params: Params) -> None:
 # tensors
 
 
-def _parse(cls: Any, message: bytes, what: str) -> Any:
+def _parse(cls: Any, message: bytes, what: str, unknown_fields: bool = True) -> Any:
     try:
         msg = cls.FromString(message)
     except ProtobufDecodeError:
         raise DecodeError(f"message: not a valid {what}") from None
-    if len(UnknownFieldSet(msg)):
+    if unknown_fields and len(UnknownFieldSet(msg)):
         raise DecodeError(f"message: fields unknown to the sidecar's {what}")
     return msg
 

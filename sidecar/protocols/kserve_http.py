@@ -38,7 +38,7 @@ import numpy.typing as npt
 import orjson
 
 from ..errors import DecodeError
-from . import float_text
+from . import ambiguity, float_text
 from .request import (
     DATATYPE_SIZES,
     InferenceRequest,
@@ -109,19 +109,35 @@ def error_body(message: str) -> bytes:
 def decode_request(model: str, version: str, body: bytes, header_length: int | None) -> InferenceRequest:
     """``header_length`` is the Inference-Header-Content-Length header (None: the body is all JSON).
 
-    Raises :class:`DecodeError` naming the offending field for any malformed input.
+    Raises :class:`DecodeError` naming the offending field for any malformed input, and for any input the
+    model server reads differently from the sidecar (see :mod:`ambiguity`): such a call is never modelled.
     """
     doc, section = _split_body(body, header_length)
     unknown = doc.keys() - _REQUEST_KEYS
     if unknown:
         raise DecodeError(f"{sorted(unknown)[0]}: a field the sidecar does not model")
     inputs = _list_of_dicts(doc, "inputs", required=True)
-    tensors = tuple(_decode_tensor(obj, f"inputs[{i}]", section) for i, obj in enumerate(inputs))
+    reading = _Reading(request=True)
+    tensors = tuple(_decode_tensor(obj, f"inputs[{i}]", section, reading) for i, obj in enumerate(inputs))
     section.finish()
-    outputs = tuple(
-        _decode_requested_output(obj, f"outputs[{i}]")
-        for i, obj in enumerate(_list_of_dicts(doc, "outputs", required=False))
-    )
+    outputs_json = _list_of_dicts(doc, "outputs", required=False)
+    outputs = tuple(_decode_requested_output(obj, f"outputs[{i}]") for i, obj in enumerate(outputs_json))
+    params = doc.get("parameters", {})
+    if not isinstance(params, dict):
+        raise DecodeError("parameters: expected an object")
+    parameters, options = _request_params(params)
+    request_id = _optional_str(doc, "id")
+    ambiguity.check_text(request_id, "id")
+    # Every object of a modelled request is one of these; a key given twice in any of them makes the count of
+    # keys in the text larger than the count the parser kept (the server reads the first, the parser the last).
+    keys = len(doc) + len(params) + sum(len(o) + len(o.get("parameters", ())) for o in (*inputs, *outputs_json))
+    end = len(body) if header_length is None else header_length
+    ambiguity.check_unique_keys(body, end, keys)
+    floats = {k for k, v in params.items() if type(v) is float}
+    if floats:
+        ambiguity.check_float_params(body, end, floats)
+    if reading.float_zero:
+        ambiguity.check_exponents(body, end, "inputs")
     return InferenceRequest(
         protocol=Protocol.KSERVE_HTTP,
         model=model,
@@ -129,9 +145,55 @@ def decode_request(model: str, version: str, body: bytes, header_length: int | N
         method="infer",
         inputs=tensors,
         outputs=outputs,
-        parameters=_params(doc),
-        id=_optional_str(doc, "id"),
+        parameters=parameters,
+        options=options,
+        id=request_id,
     )
+
+
+def _request_params(params: dict[str, Any]) -> tuple[Params, Params]:
+    """(what the model sees, what the server consumes) of a request's ``parameters``, each value checked as
+    Triton's HTTP front checks it; DecodeError for any value the server refuses or reads differently."""
+    seen: dict[str, Any] = {}
+    consumed: dict[str, Any] = {}
+    for key, value in params.items():
+        ambiguity.check_text(key, "parameters")
+        check = _SERVER_PARAMS.get(key)
+        if check is not None:
+            if not check(value):
+                raise DecodeError(f"parameters.{key}: a value the model server refuses")
+            consumed[key] = value
+        elif type(value) is str:
+            ambiguity.check_text(value, f"parameters.{key}")
+            seen[key] = value
+        elif type(value) is bool or type(value) is float or (type(value) is int and _INT64_MIN <= value <= _INT64_MAX):
+            seen[key] = value  # floats only if spelt so the server reads them exactly (decode_request checks)
+        else:
+            # Integers past int64 the server reads as doubles; objects, arrays and null it refuses.
+            raise DecodeError(f"parameters.{key}: a {type(value).__name__} value is not modelled")
+        if key.startswith("triton_"):
+            raise DecodeError(f"parameters.{key}: the model server refuses keys starting with triton_")
+    return freeze_params(seen), freeze_params(consumed)
+
+
+def _is_uint64(v: Any) -> bool:
+    return type(v) is int and 0 <= v <= _UINT64_MAX
+
+
+def _is_bool(v: Any) -> bool:
+    return type(v) is bool
+
+
+_INT64_MIN, _INT64_MAX, _UINT64_MAX = -(2**63), 2**63 - 1, 2**64 - 1
+# Request parameters Triton's HTTP front takes for itself (the model never sees them), with its checks.
+_SERVER_PARAMS: dict[str, Callable[[Any], bool]] = {
+    "priority": _is_uint64,
+    "timeout": _is_uint64,
+    "binary_data_output": _is_bool,
+    "sequence_id": lambda v: _is_uint64(v) or (type(v) is str and "\0" not in v),
+    "sequence_start": _is_bool,
+    "sequence_end": _is_bool,
+}
 
 
 def decode_response(body: bytes, header_length: int | None) -> InferenceResponse:
@@ -140,7 +202,8 @@ def decode_response(body: bytes, header_length: int | None) -> InferenceResponse
     if "error" in doc and "outputs" not in doc:
         raise DecodeError(f"error: the server answered with an error: {doc['error']!r}")
     outputs = _list_of_dicts(doc, "outputs", required=False)
-    tensors = tuple(_decode_tensor(obj, f"outputs[{i}]", section) for i, obj in enumerate(outputs))
+    tensors = tuple(_decode_tensor(obj, f"outputs[{i}]", section, _Reading(request=False))
+                    for i, obj in enumerate(outputs))
     section.finish()
     return InferenceResponse(
         protocol=Protocol.KSERVE_HTTP,
@@ -204,8 +267,20 @@ def _split_body(body: bytes, header_length: int | None) -> tuple[dict[str, Any],
     return doc, _BinarySection(rest, header_length is not None)
 
 
-def _decode_tensor(obj: dict[str, Any], field: str, section: _BinarySection) -> Tensor:
+class _Reading:
+    """What one decode learns on the way: whether it reads a request (held to the server's own reading) or
+    an answer of the server's, and whether some FP32 value was a float zero (see ambiguity.check_exponents)."""
+
+    __slots__ = ("float_zero", "request")
+
+    def __init__(self, request: bool) -> None:
+        self.request = request
+        self.float_zero = False
+
+
+def _decode_tensor(obj: dict[str, Any], field: str, section: _BinarySection, reading: _Reading) -> Tensor:
     name = _required_str(obj, "name", field)
+    ambiguity.check_text(name, f"{field}.name")
     datatype = obj.get("datatype")
     if not isinstance(datatype, str) or datatype not in DATATYPE_SIZES:
         raise DecodeError(f"{field}.datatype: expected one of {', '.join(DATATYPE_SIZES)}, got {datatype!r}")
@@ -228,12 +303,13 @@ def _decode_tensor(obj: dict[str, Any], field: str, section: _BinarySection) -> 
             raise DecodeError(f"{size_field}: expected a non-negative integer, got {size!r}")
         data = _check_binary(section.take(size, size_field), datatype, count, size_field)
     else:
-        data = _json_data_to_bytes(obj["data"], datatype, count, f"{field}.data")
+        data = _json_data_to_bytes(obj["data"], datatype, count, f"{field}.data", reading)
     return Tensor(name=name, datatype=datatype, shape=shape, data=data)
 
 
 def _decode_requested_output(obj: dict[str, Any], field: str) -> RequestedOutput:
     name = _required_str(obj, "name", field)
+    ambiguity.check_text(name, f"{field}.name")
     params = obj.get("parameters", {})
     if not isinstance(params, dict):
         raise DecodeError(f"{field}.parameters: expected an object")
@@ -243,6 +319,9 @@ def _decode_requested_output(obj: dict[str, Any], field: str) -> RequestedOutput
     binary = params.pop("binary_data", None)
     if binary is not None and type(binary) is not bool:
         raise DecodeError(f"{field}.parameters.binary_data: expected a boolean, got {binary!r}")
+    if "classification" in params and not _is_uint64(params["classification"]):
+        raise DecodeError(f"{field}.parameters.classification: a value the model server refuses")
+    # The server ignores any other output parameter; they stay in the call's identity all the same.
     return RequestedOutput(name=name, binary=binary, parameters=freeze_params(params))
 
 
@@ -260,7 +339,7 @@ def _check_binary(raw: bytes, datatype: str, count: int, field: str) -> bytes:
     return raw
 
 
-def _json_data_to_bytes(data: Any, datatype: str, count: int, field: str) -> bytes:
+def _json_data_to_bytes(data: Any, datatype: str, count: int, field: str, reading: _Reading) -> bytes:
     if datatype in _BINARY_ONLY:
         # Triton answers the same: there is no JSON form for 16-bit floats.
         raise DecodeError(f"{field}: {datatype} data cannot be sent as JSON, use binary_data_size")
@@ -282,9 +361,17 @@ def _json_data_to_bytes(data: Any, datatype: str, count: int, field: str) -> byt
     dtype = _NUMERIC_DTYPES[datatype]
     if dtype.kind == "f":
         _expect_kinds(kinds, {int, float}, field, "numbers")
+        strict = reading.request and float in kinds
+        if strict and datatype == "FP64":
+            raise DecodeError(f"{field}: FP64 numbers with a fraction or exponent are read inexactly by the model "
+                              "server's JSON parser (send them in binary); not modelled")
         if len(flat) <= _SMALL:
-            return _pack_small(flat, datatype, field, "values beyond the FP32 range")
-        return _floats_to_bytes(flat, dtype, field)
+            packed = _pack_small(flat, datatype, field, "values beyond the FP32 range")
+            if strict:
+                ambiguity.check_fp32_small(flat, packed, field)
+                reading.float_zero = reading.float_zero or ambiguity.has_float_zero(flat)
+            return packed
+        return _floats_to_bytes(flat, dtype, field, reading if strict else None)
     _expect_kinds(kinds, {int}, field, "integers")
     if len(flat) <= _SMALL:
         info = np.iinfo(dtype)
@@ -310,7 +397,7 @@ def _ints_to_bytes(flat: list[int], dtype: np.dtype[Any], datatype: str, field: 
     return wide.astype(dtype).tobytes()
 
 
-def _floats_to_bytes(flat: list[Any], dtype: np.dtype[Any], field: str) -> bytes:
+def _floats_to_bytes(flat: list[Any], dtype: np.dtype[Any], field: str, reading: _Reading | None) -> bytes:
     wide = np.array(flat, dtype=np.float64)
     if dtype.itemsize == 8:
         return wide.tobytes()
@@ -318,6 +405,9 @@ def _floats_to_bytes(flat: list[Any], dtype: np.dtype[Any], field: str) -> bytes
         narrow = wide.astype(dtype)
     if not np.isfinite(narrow).all():
         raise DecodeError(f"{field}: values beyond the FP32 range")
+    if reading is not None:
+        ambiguity.check_fp32(wide, narrow, field)
+        reading.float_zero = reading.float_zero or ambiguity.has_float_zero(wide)
     return narrow.tobytes()
 
 
@@ -392,8 +482,8 @@ def encode_request(req: InferenceRequest, binary_inputs: bool) -> tuple[bytes, i
     header: dict[str, Any] = {}
     if req.id:
         header["id"] = req.id
-    if req.parameters:
-        header["parameters"] = thaw_params(req.parameters)
+    if req.parameters or req.options:
+        header["parameters"] = thaw_params(req.parameters) | thaw_params(req.options)
     header["inputs"], chunks = _encode_tensors(req.inputs, lambda _: binary_inputs, _json_data)
     if req.outputs:
         header["outputs"] = [_encode_requested_output(o) for o in req.outputs]
@@ -463,6 +553,8 @@ def _json_data(t: Tensor) -> npt.NDArray[Any] | list[str] | orjson.Fragment | No
     if arr.dtype.kind == "f":
         if not np.isfinite(arr).all():
             return None
+        if arr.dtype.itemsize == 8:
+            return None  # the server's JSON parser reads FP64 numbers inexactly: binary is the exact form
         # Triton's digits, not orjson's shortest text: the same doubles, but not the same bytes.
         return orjson.Fragment(float_text.json_array(arr))
     return arr

@@ -117,8 +117,14 @@ class InferenceRequest:
     method: str = "infer"
     inputs: tuple[Tensor, ...] = ()
     outputs: tuple[RequestedOutput, ...] = ()
-    # Parameters that change the result (request-level `parameters`, TF `signature_name`, ...).
+    # Parameters the model sees (custom request parameters, TF `signature_name`, ...): they can change the
+    # answer, so they are part of the call's identity.
     parameters: Params = ()
+    # Parameters the model server consumes and the model never sees: scheduling (``priority``,
+    # ``timeout``), sequence control (``sequence_id``, ``sequence_start``, ``sequence_end``) and wire
+    # choices (HTTP's ``binary_data_output``, TF Serving REST's row or columnar ``format``). Kept so a
+    # re-encoded call carries them; never part of a cached answer's identity.
+    options: Params = ()
     # The caller's correlation id; echoed by the server but not part of identity.
     id: str = field(default="", compare=False)
 

@@ -23,10 +23,10 @@ from .request import (
     unpack_bytes_elements,
 )
 
-# Parameters that never change an answer, so callers differing in them may share a batch: the wire
-# form (JSON or binary, TF Serving's row or columnar), scheduling hints, the caller's id.
-BATCH_NEUTRAL_PARAMS = frozenset({"binary_data_output", "binary_data_size", "binary_data", "priority", "timeout",
-                                  "format"})
+# Options that choose only each caller's wire form (JSON or binary outputs, TF Serving's row or columnar),
+# so callers differing in them may share a batch. Other options (priority, timeout) must agree: the batch
+# goes to the server with them.
+WIRE_FORM_OPTIONS = frozenset({"binary_data_output", "format"})
 
 
 def row_signature(req: InferenceRequest) -> tuple[tuple[str, str, tuple[int, ...]], ...] | None:
@@ -92,10 +92,10 @@ def batch_signature(req: InferenceRequest) -> Signature | None:
     rows = row_signature(req)
     if rows is None:
         return None
-    family = "kserve" if req.protocol.value.startswith("kserve") else "tfserving"
+    family = "kserve" if req.protocol.value.startswith("kserve") else req.protocol.value
     outputs = tuple(sorted((o.name, o.parameters) for o in req.outputs))
-    params = tuple(p for p in req.parameters if p[0] not in BATCH_NEUTRAL_PARAMS)
-    return family, req.model, req.version, req.method, rows, outputs, params
+    options = tuple(p for p in req.options if p[0] not in WIRE_FORM_OPTIONS)
+    return family, req.model, req.version, req.method, rows, outputs, req.parameters, options
 
 
 def merge(requests: Sequence[InferenceRequest]) -> InferenceRequest:
@@ -108,10 +108,10 @@ def merge(requests: Sequence[InferenceRequest]) -> InferenceRequest:
         parts = [r.input(t.name) for r in requests]
         inputs.append(Tensor(t.name, t.datatype, (sum(p.shape[0] for p in parts), *t.shape[1:]),
                              b"".join(p.data for p in parts)))
-    params: Params = tuple(sorted((*(p for p in first.parameters if p[0] not in BATCH_NEUTRAL_PARAMS),
-                                   ("binary_data_output", "true"))))
+    options: Params = tuple(sorted((*(p for p in first.options if p[0] not in WIRE_FORM_OPTIONS),
+                                    ("binary_data_output", "true"))))
     outputs = tuple(RequestedOutput(o.name, True, o.parameters) for o in first.outputs)
-    return dataclasses.replace(first, inputs=tuple(inputs), outputs=outputs, parameters=params, id="")
+    return dataclasses.replace(first, inputs=tuple(inputs), outputs=outputs, options=options, id="")
 
 
 def split(response: InferenceResponse, rows: Sequence[int]) -> list[InferenceResponse]:

@@ -1,19 +1,28 @@
-"""The one refusal of the sidecar's own on the data port: a call that would abort the model server.
+"""The one refusal of the sidecar's own on the data ports: a call that would crash the model server.
 
-Triton reserves memory for the shape a JSON-data tensor declares before it counts the data: a tiny
-body declaring 2^34 FP32 elements aborts it (std::length_error / bad_alloc). The check must hold
-whatever the codec makes of the body, because a call the codec cannot model still goes to the model
-server untouched - and Triton reads JSON its own way: invalid UTF-8, NaN, a byte-order mark and
-deep nesting pass; a duplicated key means its *first* value (RapidJSON's lookup); the
-Inference-Header-Content-Length is read leniently.
+Triton computes a tensor's element count and byte size in int64 with no overflow check
+(``GetElementCount``, ``GetByteSize``): HTTP shapes are read as uint64 and stored as int64 (2^64-1 is
+-1), gRPC shapes are int64 as sent. Three things follow, each refused here (``UnsafeInput``):
 
-So: a cheap scan of the raw bytes finds every bracketed list of integers (any key, however it is
-spelt) whose product exceeds both the body's length and ``UNSAFE_DECLARED_BYTES / 4``. Only then is
-the body read carefully, Triton's way (first value of a duplicated key wins; invalid UTF-8 and NaN
-tolerated), and the call refused unless each such shape is proven to belong to a tensor whose data is
-not JSON (binary extension or shared memory). Anything ambiguous with such a shape in it - a header
-length that is not a plain decimal, two of them, a body that will not parse even leniently - is
-refused: it cannot be proven safe. Pure functions.
+- **A reservation.** For a JSON-data tensor Triton reserves ``count x size`` bytes before it counts
+  the data: a tiny body declaring 2^34 FP32 elements, or a count that wraps negative, aborts it
+  (``std::length_error`` / ``bad_alloc``).
+- **A shape that wraps.** A count or byte size that overflows int64 can wrap to exactly the size of the
+  data sent (``[2^62+2, 1]`` FP32 with 8 bytes is "8 bytes"): Triton accepts the call and the model
+  gets a shape that does not match its data (the python backend's stub crashes on it).
+- **Negative dimensions** whose product comes out right (``[-2, -2]`` with 16 bytes) pass the same way.
+
+A shape whose count is wrong in a way Triton notices (a plain mismatch, a ``-1``) is left to Triton,
+which refuses it with its own words. The HTTP check must hold whatever the codec makes of the body,
+because a call the codec cannot model still goes to the model server untouched - and Triton reads
+JSON its own way: invalid UTF-8, NaN, a byte-order mark and deep nesting pass; a duplicated key means
+its *first* value (RapidJSON's lookup); the Inference-Header-Content-Length is read leniently. So a
+cheap scan of the raw bytes finds every bracketed list of integers (any key, however it is spelt)
+whose product exceeds both the body's length and ``UNSAFE_DECLARED_BYTES / 4``; only then is the body
+read carefully, Triton's way, and every tensor checked. Anything ambiguous with such a shape in it (a
+header length that is not a plain decimal, two of them, a body that will not parse even leniently) is
+refused: it cannot be proven safe. The gRPC codec calls :func:`check_counted` for each input while it
+decodes the message. Pure functions.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Sequence
 from typing import Any
 
 from ..errors import UnsafeInput
@@ -28,6 +38,7 @@ from ..errors import UnsafeInput
 UNSAFE_DECLARED_BYTES = 16 * 1024 * 1024
 _MIN_ELEMENTS = UNSAFE_DECLARED_BYTES // 4
 _INT64 = 2**63
+_UINT64 = 2**64
 _INT_LIST = re.compile(rb"\[\s*(\d{1,40}(?:\s*,\s*\d{1,40})*)\s*\]")
 _SIZES = {"BOOL": 1, "UINT8": 1, "INT8": 1, "UINT16": 2, "INT16": 2, "FP16": 2, "BF16": 2, "UINT32": 4,
           "INT32": 4, "FP32": 4, "UINT64": 8, "INT64": 8, "FP64": 8}
@@ -67,16 +78,70 @@ def check(body: bytes, header_lengths: list[bytes]) -> None:
 
 def _check_tensor(tensor: dict[str, Any], i: int, body_length: int) -> None:
     shape = tensor.get("shape")
-    if not isinstance(shape, list) or not all(type(d) is int and 0 <= d < _INT64 for d in shape):
-        return  # not a shape Triton reads as one (int64 dimensions): it refuses the call before reserving
-    count = math.prod(shape)
-    params = tensor.get("parameters")
-    elsewhere = isinstance(params, dict) and ("binary_data_size" in params or "shared_memory_region" in params)
+    if not isinstance(shape, list) or not all(type(d) is int and 0 <= d < _UINT64 for d in shape):
+        return  # not a shape Triton reads (uint64 dimensions): it refuses the call before reserving
     datatype = tensor.get("datatype")
     size = _SIZES.get(datatype, 8) if isinstance(datatype, str) else 8
-    if not elsewhere and count > body_length and count * size > UNSAFE_DECLARED_BYTES:
-        raise UnsafeInput(f"inputs[{i}].shape: declares {count} elements, far more than the {body_length}-byte "
+    dims = [d - _UINT64 if d >= _INT64 else d for d in shape]  # as Triton stores them: int64
+    count, nbytes = triton_sizes(dims, size)
+    params = tensor.get("parameters")
+    params = params if isinstance(params, dict) else {}
+    field = f"inputs[{i}].shape"
+    if "binary_data_size" in params or "shared_memory_region" in params:
+        declared = params.get("binary_data_size")
+        if _bogus(dims, size) and (type(declared) is not int or declared == nbytes):
+            raise UnsafeInput(f"{field}: {shape} overflows the model server's size arithmetic")
+        return
+    declared = math.prod(shape)
+    if nbytes < 0 or (declared > body_length and declared * size > UNSAFE_DECLARED_BYTES):
+        raise UnsafeInput(f"{field}: declares {declared} elements, far more than the {body_length}-byte "
                           "body holds; refused because the model server would reserve memory for them")
+    if _bogus(dims, size):
+        data = tensor.get("data")
+        if not isinstance(data, list) or _json_count(data) == count:
+            raise UnsafeInput(f"{field}: {shape} overflows the model server's size arithmetic")
+
+
+def check_counted(dims: Sequence[int], datatype: str, actual: int, field: str) -> None:
+    """A tensor of int64 ``dims`` whose data holds ``actual`` bytes (BYTES: ``actual`` elements): UnsafeInput
+    when Triton's wrapping arithmetic would take it for a match though the shape does not fit the data."""
+    size = _SIZES.get(datatype, 1)  # BYTES: its count is compared
+    if not _bogus(dims, size):
+        return
+    count, nbytes = triton_sizes(dims, size)
+    if (count if datatype == "BYTES" else nbytes) == actual:
+        raise UnsafeInput(f"{field}: {list(dims)} overflows the model server's size arithmetic")
+
+
+def triton_sizes(dims: Sequence[int], size: int) -> tuple[int, int]:
+    """(element count, byte size) as Triton computes them: int64 products that wrap."""
+    count = 1
+    for d in dims:
+        count = _wrap(count * d)
+    return count, _wrap(count * size)
+
+
+def _bogus(dims: Sequence[int], size: int) -> bool:
+    """A shape Triton's arithmetic gets wrong: a negative dimension, or a byte size past int64."""
+    return any(d < 0 for d in dims) or math.prod(dims) * size >= _INT64
+
+
+def _wrap(n: int) -> int:
+    n &= _UINT64 - 1
+    return n - _UINT64 if n >= _INT64 else n
+
+
+def _json_count(data: list[Any]) -> int:
+    """Leaves of nested lists (Triton counts elements, whatever the nesting)."""
+    count = 0
+    stack = [data]
+    while stack:
+        for x in stack.pop():
+            if isinstance(x, list):
+                stack.append(x)
+            else:
+                count += 1
+    return count
 
 
 def _lenient(data: bytes) -> Any:

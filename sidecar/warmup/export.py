@@ -22,6 +22,7 @@ from ..cache.keys import batch_size
 from ..protocols import tfserving_rest as rest
 from ..protocols.request import (
     InferenceRequest,
+    Params,
     Protocol,
     RequestedOutput,
     freeze_params,
@@ -136,7 +137,8 @@ def request_of(log: prediction_log_pb2.PredictionLog, model: str = "") -> Infere
         predict = log.predict_log.request
         inputs = tuple(from_tensor_proto(n, predict.inputs[n]) for n in sorted(predict.inputs))
         outputs = tuple(RequestedOutput(n) for n in predict.output_filter)
-        return _request(predict.model_spec, model, "predict", {rest.FORMAT_PARAM: rest.COLUMNAR}, inputs, outputs)
+        return _request(predict.model_spec, model, "predict", {}, inputs, outputs,
+                        freeze_params({rest.FORMAT_PARAM: rest.COLUMNAR}))
     if kind in ("classify_log", "regress_log"):
         request = log.classify_log.request if kind == "classify_log" else log.regress_log.request
         params: dict[str, Any] = {}
@@ -156,7 +158,7 @@ def request_of(log: prediction_log_pb2.PredictionLog, model: str = "") -> Infere
 
 
 def _request(spec: model_pb2.ModelSpec, model: str, method: str, params: dict[str, Any], inputs: tuple[Any, ...],
-             outputs: tuple[RequestedOutput, ...]) -> InferenceRequest:
+             outputs: tuple[RequestedOutput, ...], options: Params = ()) -> InferenceRequest:
     if not (spec.name or model):
         raise ValueError("model_spec.name is empty")
     if spec.signature_name:
@@ -165,7 +167,7 @@ def _request(spec: model_pb2.ModelSpec, model: str, method: str, params: dict[st
         params[rest.LABEL_PARAM] = spec.version_label
     version = str(spec.version.value) if spec.HasField("version") else ""
     return InferenceRequest(Protocol.TFSERVING_REST, spec.name or model, version, method, inputs, outputs,
-                            freeze_params(params))
+                            freeze_params(params), options)
 
 
 # -- Triton ----------------------------------------------------------------------------------------
