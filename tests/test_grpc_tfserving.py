@@ -24,6 +24,8 @@ import numpy as np
 import pytest
 from aiohttp import web
 
+from sidecar.errors import DecodeError
+from sidecar.protocols import tfserving_grpc
 from sidecar.protogen.grpc.health.v1 import health_pb2
 from sidecar.protogen.tensorflow.core.framework import tensor_pb2, types_pb2
 from sidecar.protogen.tensorflow_serving.apis import (
@@ -145,6 +147,65 @@ def test_project_classes_read_as_independently_compiled_ones(tmp_path: Path) -> 
     assert theirs["predict"][1]["modelSpec"] == {"name": "m", "version": "3", "signatureName": "sig"}
     assert theirs["status"][1]["modelVersionStatus"][0]["state"] == "LOADING"
     assert theirs["health_list"][1] == {"statuses": {"m": {"status": "SERVING"}}}
+
+
+# -- what TensorFlow reads otherwise: not modelled --------------------------------------------------------------
+#
+# TF Serving turns each input into a Tensor with ``Tensor::FromProto`` (tensorflow/core/framework/tensor.cc): a
+# non-empty tensor_content wins for every dtype, strings included; typed values beyond the shape are dropped,
+# none fill zeros, fewer repeat the last; half_val (int32 on the wire) is copied into 16 bits.
+
+
+def _predict_with(proto: tensor_pb2.TensorProto, name: str = "x") -> bytes:
+    msg = predict_pb2.PredictRequest()
+    msg.model_spec.name = "m"
+    msg.inputs[name].CopyFrom(proto)
+    return bytes(msg.SerializeToString())
+
+
+def _proto(dtype: int, dims: list[int], **fields: Any) -> tensor_pb2.TensorProto:
+    proto = tensor_pb2.TensorProto(dtype=dtype, **fields)
+    proto.tensor_shape.dim.extend(proto.tensor_shape.Dim(size=d) for d in dims)
+    return proto
+
+
+@pytest.mark.parametrize(
+    ("proto", "why"),
+    [
+        # TF decodes the string-list encoding in tensor_content and never looks at string_val.
+        (_proto(types_pb2.DT_STRING, [1], string_val=[b"a"], tensor_content=b"\x01b"), "string tensor in tensor_c"),
+        (_proto(types_pb2.DT_HALF, [2], half_val=[0x3C00, 0x13C00]), "beyond 16 bits"),  # TF wraps it to 0x3C00
+        (_proto(types_pb2.DT_BFLOAT16, [1], half_val=[-1]), "beyond 16 bits"),
+        (_proto(types_pb2.DT_FLOAT, [2], float_val=[1.0, float("nan")]), "NaN in float_val"),
+        (_proto(types_pb2.DT_INT32, [2], int_val=[1, 2, 3]), "3 value"),  # TF drops the third
+        (_proto(types_pb2.DT_INT32, [2]), "0 value"),  # TF fills zeros
+        (_proto(types_pb2.DT_FLOAT, [-1, 0]), "negative dimension"),
+    ],
+)
+def test_tensors_tensorflow_reads_otherwise_are_not_modelled(proto: tensor_pb2.TensorProto, why: str) -> None:
+    with pytest.raises(DecodeError, match=why):
+        tfserving_grpc.decode_request(_predict_with(proto))
+
+
+def test_tensors_read_as_tensorflow_reads_them() -> None:
+    """Fewer typed values than the shape: the last repeats; tensor_content wins over typed values; a NaN in
+    tensor_content keeps its bits; names are std::string to TF Serving, NUL and all; a map key repeated on the
+    wire is its last entry to protobuf in C++ and Python alike."""
+    def one(proto: tensor_pb2.TensorProto, name: str = "x") -> Any:
+        (t,) = tfserving_grpc.decode_request(_predict_with(proto, name)).inputs
+        return t
+
+    assert np.frombuffer(one(_proto(types_pb2.DT_INT32, [3], int_val=[7, 8])).data, "<i4").tolist() == [7, 8, 8]
+    content = np.array([1.5, 2.5], "<f4").tobytes()
+    assert one(_proto(types_pb2.DT_FLOAT, [2], float_val=[9.0], tensor_content=content)).data == content
+    signalling = np.array([0x7F800001], "<u4").tobytes()
+    assert one(_proto(types_pb2.DT_FLOAT, [1], tensor_content=signalling)).data == signalling
+    half = one(_proto(types_pb2.DT_HALF, [2], half_val=[0x3C00, 0xFFFF]))
+    assert np.frombuffer(half.data, "<u2").tolist() == [0x3C00, 0xFFFF]
+    assert one(_proto(types_pb2.DT_FLOAT, [1], float_val=[2.5]), "x\0y").name == "x\0y"
+    first = _predict_with(_proto(types_pb2.DT_INT64, [1], int64_val=[1]))
+    last = _predict_with(_proto(types_pb2.DT_INT64, [1], int64_val=[2]))
+    assert tfserving_grpc.decode_request(first + last) == tfserving_grpc.decode_request(last)
 
 
 # -- a stand-in TF Serving, gRPC and REST --------------------------------------------------------------------

@@ -10,13 +10,22 @@ classes, ``sidecar/protogen``) and the canonical types of :mod:`request`, protoc
   ``warmup/tftensor.py``); ``output_filter`` -> requested outputs.
 - Not modelled (DecodeError, forwarded untouched): fields the project's subset leaves out
   (streamed predict options, client id, request options), types with no KServe datatype, values that
-  do not fit their shape.
+  do not fit their shape, and what TensorFlow's ``Tensor::FromProto`` reads otherwise than the codec:
+  typed values more than the shape holds (TF drops the rest) or none for a non-empty shape (TF fills
+  zeros); a string tensor in ``tensor_content`` (TF decodes that, not ``string_val``); ``half_val``
+  beyond 16 bits (TF wraps it); a NaN in ``float_val`` (protobuf hands the float to Python as a double,
+  which quiets a signalling NaN: two inputs TF tells apart would share one identity).
+
+Names are not C strings here: TF Serving matches ``inputs`` keys against the signature as
+``std::string``, so a NUL is part of the name, as it is in the canonical tensor. A key repeated on the
+wire is the last entry to the C++ parser and to Python's alike.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 from google.protobuf.message import DecodeError as ProtobufDecodeError
 from google.protobuf.unknown_fields import UnknownFieldSet
 
@@ -48,6 +57,9 @@ def decode_request(message: bytes) -> InferenceRequest:
         inputs = tuple(from_tensor_proto(name, msg.inputs[name]) for name in sorted(msg.inputs))
     except ValueError as e:
         raise DecodeError(f"inputs: {e}") from None
+    for t in inputs:
+        if t.datatype == "FP32" and not msg.inputs[t.name].tensor_content and _has_nan(t.data):
+            raise DecodeError(f"inputs.{t.name}: a NaN in float_val, whose bits Python's protobuf changes")
     outputs = tuple(RequestedOutput(name) for name in msg.output_filter)
     return InferenceRequest(Protocol.TFSERVING_GRPC, spec.name, version, "predict", inputs, outputs,
                             freeze_params(params))
@@ -119,6 +131,10 @@ def _tensor(t: Any) -> Any:
         return to_tensor_proto(t)
     except KeyError:
         raise ValueError(f"tensor {t.name!r}: datatype {t.datatype} has no TF type") from None
+
+
+def _has_nan(data: bytes) -> bool:
+    return bool(np.isnan(np.frombuffer(data, "<f4")).any())
 
 
 def _parse(cls: Any, message: bytes, what: str) -> Any:

@@ -18,15 +18,55 @@ Canonical form
 - classify responses: ``"classes"`` BYTES [n, k] and ``"scores"`` FP64 [n, k] (the output names of
   TF's classification signature); regress responses: ``"outputs"`` FP64 [n]. Ragged class lists
   are refused.
-- ``parameters`` keys: ``format`` ("row" | "columnar", predict only), ``signature_name`` (when
-  sent), ``label`` (from the path, when present), ``context`` (classify/regress: canonical JSON
-  text of the context object). Response ``model`` and ``version`` are "": the body carries neither.
+- ``parameters`` keys: ``signature_name`` (when sent), ``label`` (from the path, when present),
+  ``context`` (classify/regress: canonical JSON text of the context object); ``options``: ``format``
+  ("row" | "columnar", predict only: a wire form). Response ``model`` and ``version`` are "": the
+  body carries neither.
 
 TF Serving's JSON dialect allows the tokens NaN, Infinity and -Infinity; they are read and written.
 
 Limits inherited from JSON: a zero dimension hides those after it (``[[], []]`` is shape [2, 0]),
 and a lone input or output named ``"b64"`` holding a string reads back as base64 (TF Serving has the
 same ambiguity).
+
+What is not modelled
+--------------------
+A request is modelled only when TF Serving reads it exactly as this codec does. TF Serving parses with
+RapidJSON 1.1.0, ``kParseNanAndInfFlag`` only (``util/json_tensor.cc``), and casts each value to its
+signature's dtype, which the body does not name; anything else raises :class:`DecodeError`, and the
+front forwards the call untouched:
+
+- **A key given twice**, in any object (top level, a row, the columnar inputs, a ``{"b64": ...}``, an
+  example, the context): RapidJSON keeps every member and its ``FindMember`` finds the first; a row is
+  walked member by member (the input's values go in twice); a b64 object must have exactly one member;
+  orjson keeps the last. Counted in the one pass (``ambiguity.check_unique_keys``); an object the codec
+  does not walk (inside a top-level key TF Serving ignores) counts as a repeat, so such a body is not
+  modelled either.
+- **A number the server may read as another double.** Without ``kParseFullPrecisionFlag`` RapidJSON is
+  exact only when the significand fits its uint64 accumulator and a double (at most 17 digits, a 17th
+  only while the first 16 stay below 2^53) and the power of ten is one of 10^0..10^22. Otherwise it can
+  be a unit or more in the last place off, as a function of the spelling (``0.29999999999999997`` is 0.3
+  to orjson, 0.29999999999999993 to TF Serving), so no rule on values can tell, and a DT_DOUBLE signature
+  reads that double as it is. A predict body is modelled only when every number in it is spelt so that
+  the server's double is the correctly rounded one, and so is the text the sidecar writes for it (a
+  batch); integers within 64 bits always are. The test needs no arithmetic of RapidJSON's to be
+  replayed (a compiler may fuse its ``d * 10 + digit`` steps), so it passes some numbers the server reads
+  exactly all the same: short decimals always (after a few searches of the text), but the ``repr`` of a
+  widened float32 or of a double (what ``tolist()`` clients send) only 7 times in 10, so a body of more
+  than a few such numbers is seldom modelled.
+- **An integer of 2^24 or more among floats**: the FP64 canonical tensor makes ``16777217`` and
+  ``16777217.0`` one value; a DT_FLOAT signature refuses the first (``IsLosslessDecimal``) and rounds the
+  second.
+- **Float features** (classify/regress) are always FP32 to the server (``GetFloat()`` of the inexact
+  double), so there the value decides: not modelled when it lies so near an FP32 rounding boundary or
+  FLT_MAX that a few units in the last place could change it, nor a zero spelt with an exponent past
+  300 (``0e999``: RapidJSON refuses it, orjson reads 0).
+- **NUL in an input or feature name**: TF Serving takes row keys and feature names as C strings
+  (``kv.name.GetString()`` into a ``std::string``), so ``"x\\u0000y"`` is ``x`` to it.
+- **Base64 TF Serving's absl decoder refuses or reads otherwise**: padding must be absent or exactly due
+  (``"YQ="`` is an error to it); whitespace and ``.`` padding, which it accepts, are not modelled.
+- Dialect differences: ``Inf``, ``-NaN``, a byte-order mark and invalid UTF-8 are accepted by RapidJSON
+  and refused here.
 """
 
 from __future__ import annotations
@@ -36,6 +76,7 @@ import binascii
 import json
 import math
 import re
+import struct
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -43,6 +84,7 @@ import numpy as np
 import orjson
 
 from ..errors import DecodeError
+from . import ambiguity
 from .request import (
     DATATYPE_SIZES,
     InferenceRequest,
@@ -77,7 +119,10 @@ REGRESSION_OUTPUTS = "outputs"
 _B64 = "b64"
 _BYTES_SUFFIX = "_bytes"
 _FLT_MAX = float(np.finfo(np.float32).max)
-_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+# Above this a double a few units in the last place off may pass FLT_MAX (2^12 units: ambiguity's window).
+_FLT_MAX_NEAR = _FLT_MAX - 2.0 ** (127 - 52 + 12)
+_INT64_MIN, _INT64_MAX, _UINT64_MAX = -(2**63), 2**63 - 1, 2**64 - 1
+_FP32_INTEGERS = 2**24  # IsLosslessDecimal<float>: an integer token must be below this
 
 # Index path inside a JSON value -> the field name a DecodeError reports.
 _Where = Callable[[tuple[int, ...]], str]
@@ -103,7 +148,7 @@ def infer_path(req: InferenceRequest) -> str:
 
 def row_format(req: InferenceRequest) -> bool:
     """Whether a predict request came in row format, so its response must too."""
-    return thaw_params(req.parameters).get(FORMAT_PARAM) == ROW
+    return thaw_params(req.options).get(FORMAT_PARAM) == ROW
 
 
 def status_not_ready(body: bytes) -> bytes:
@@ -190,17 +235,110 @@ def _load_object(body: bytes) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------
+# what TF Serving reads differently
+
+
+class _Reading:
+    """What one request decode learns on the way: the members of every object it accepted (for
+    ambiguity.check_unique_keys), whether a tensor holds a number with a fraction or exponent (whose spelling
+    then decides what TF Serving reads), and the values of float features (FP32 to the server)."""
+
+    __slots__ = ("float_features", "floats", "keys")
+
+    def __init__(self, keys: int) -> None:
+        self.keys = keys
+        self.floats = False
+        self.float_features: list[float] = []
+
+
+def _check_spellings(body: bytes) -> None:
+    """DecodeError unless TF Serving's parser reads every number of ``body`` as the correctly rounded double (so
+    the canonical FP64 value is what the server reads, whatever dtype its signature casts to).
+
+    A number RapidJSON may read inexactly has 16 or more digits, or an exponent: as the text's shape (digits
+    and points as ``0``, exponent letters as ``e``) that is a run of 16 ``0`` or a ``0e``. Text without either
+    (short decimals: what people write, what rounded data holds) is settled by C-speed searches; the rest is
+    tokenised, strings skipped, and the first number the server may read otherwise stops the scan."""
+    shape = body.translate(_SHAPES)
+    if b"0" * 16 not in shape and not _has_exponent(shape):
+        return
+    for match in _TOKEN.finditer(body):
+        number = match.group(1)
+        if number is not None and not _read_exactly(number):
+            raise DecodeError(f"body: the number {number[:40].decode()} is one TF Serving's JSON parser (RapidJSON "
+                              "without full precision) may read as another double; not modelled")
+
+
+def _has_exponent(shape: bytes) -> bool:
+    # Digits are dense in a tensor's text and an "e" rare (a few keys): looking at what precedes each "e" is far
+    # cheaper than searching for "0e" among the digits.
+    if shape.count(b"e") > 64:
+        return b"0e" in shape
+    at = shape.find(b"e", 1)
+    while at > 0:
+        if shape[at - 1] == 0x30:
+            return True
+        at = shape.find(b"e", at + 1)
+    return False
+
+
+def _exact(number: bytes) -> bool:
+    """Whether RapidJSON 1.1.0's ParseNumber, without kParseFullPrecisionFlag, reads ``number`` (a JSON number
+    token) as the correctly rounded double: its significand digits all fit the uint64 accumulator and the
+    double exactly, and the power of ten is one of the exact ones (10^0..10^22), so one IEEE division or
+    multiplication makes the result. Integer tokens are exact within 64 bits (beyond, RapidJSON sums digits
+    in doubles)."""
+    match = _NUMBER.fullmatch(number)
+    if match is None:
+        return False
+    whole, fraction, exponent = match.groups()
+    if fraction is None and exponent is None:
+        return len(number) <= 20 and _INT64_MIN <= int(number) <= _UINT64_MAX
+    if exponent is not None and len(exponent) > 4:
+        return False
+    digits = (whole + (fraction or b"")).lstrip(b"0")
+    power = int(exponent or 0) - len(fraction or b"")
+    if not -22 <= power <= 22 or len(digits) > 17:
+        return False
+    if len(digits) == 17 and int(digits[:16]) > _FAST_SIGNIFICAND:
+        return False  # the 17th digit goes through a double multiplication, not the uint64
+    significand = int(digits or b"0")
+    return float(significand) == significand  # the uint64 -> double conversion is exact
+
+
+def _read_exactly(number: bytes) -> bool:
+    """:func:`_exact` for the token and for the text orjson writes for its value, which is what TF Serving
+    reads when the sidecar sends the call itself (a batch); integer tokens are written back as they came."""
+    if not _exact(number):
+        return False
+    if number.isdigit() or (number[:1] == b"-" and number[1:].isdigit()):
+        return True
+    return _exact(orjson.dumps(float(number)))
+
+
+_FAST_SIGNIFICAND = 2**53 - 1  # RapidJSON keeps taking digits into its uint64 while it holds no more than this
+_SHAPES = bytes(ord("0") if c in b"0123456789." else ord("e") if c in b"eE" else ord(" ") for c in range(256))
+# A JSON string token (skipped), or a number token (group 1). Exact on text that parsed.
+_TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|(-?[0-9][0-9.eE+-]*)', re.DOTALL)
+_NUMBER = re.compile(rb"-?([0-9]+)(?:\.([0-9]+))?(?:[eE]([+-]?[0-9]+))?")
+
+
+# ----------------------------------------------------------------------------------------------
 # decoding
 
 
 def decode_request(model: str, version: str, label: str, method: str, body: bytes) -> InferenceRequest:
     """Model, version, label and method come from :func:`match_infer_path`.
 
-    Raises :class:`DecodeError` naming the offending field for any malformed input.
+    Raises :class:`DecodeError` naming the offending field for any malformed input, and for any input TF
+    Serving reads differently from the sidecar (see "What is not modelled" above).
     """
     _check_method(method)
+    body = bytes(body)  # the text checks below need bytes (translate); a bytes body is not copied
     doc = _load_object(body)
+    reading = _Reading(len(doc))
     params: dict[str, Any] = {}
+    options: dict[str, Any] = {}
     if SIGNATURE_PARAM in doc:
         if not isinstance(doc[SIGNATURE_PARAM], str):
             raise DecodeError(f"{SIGNATURE_PARAM}: expected a string")
@@ -208,9 +346,18 @@ def decode_request(model: str, version: str, label: str, method: str, body: byte
     if label:
         params[LABEL_PARAM] = label
     if method == "predict":
-        inputs, params[FORMAT_PARAM] = _decode_predict_inputs(doc)
+        inputs, options[FORMAT_PARAM] = _decode_predict_inputs(doc, reading)
     else:
-        inputs = (_decode_examples(doc, params),)
+        inputs = (_decode_examples(doc, params, reading),)
+    # Every object of a modelled request was counted on the way; a key given twice in any of them leaves the
+    # text with more members than the parser kept (TF Serving reads the first, orjson the last).
+    ambiguity.check_unique_keys(body, len(body), reading.keys)
+    if reading.floats:
+        _check_spellings(body)
+    if reading.float_features:
+        _check_float_features(reading.float_features)
+        if ambiguity.has_float_zero(reading.float_features):
+            ambiguity.check_exponents(body, len(body), EXAMPLES)
     return InferenceRequest(
         protocol=Protocol.TFSERVING_REST,
         model=model,
@@ -218,6 +365,7 @@ def decode_request(model: str, version: str, label: str, method: str, body: byte
         method=method,
         inputs=inputs,
         parameters=freeze_params(params),
+        options=freeze_params(options),
     )
 
 
@@ -253,24 +401,25 @@ def _results_key(doc: dict[str, Any]) -> str:
     return "result" if "result" in doc and "results" not in doc else "results"
 
 
-def _decode_predict_inputs(doc: dict[str, Any]) -> tuple[tuple[Tensor, ...], str]:
+def _decode_predict_inputs(doc: dict[str, Any], reading: _Reading) -> tuple[tuple[Tensor, ...], str]:
     if "instances" in doc and "inputs" in doc:
         raise DecodeError("body: expected only one of 'instances' or 'inputs'")
     if "instances" in doc:
-        return _decode_rows(doc["instances"], "instances"), ROW
+        return _decode_rows(doc["instances"], "instances", reading), ROW
     if "inputs" in doc:
-        return _decode_columns(doc["inputs"], "inputs"), COLUMNAR
+        return _decode_columns(doc["inputs"], "inputs", reading), COLUMNAR
     raise DecodeError("body: missing 'instances' or 'inputs'")
 
 
-def _decode_rows(rows: Any, field: str) -> tuple[Tensor, ...]:
+def _decode_rows(rows: Any, field: str, reading: _Reading | None = None) -> tuple[Tensor, ...]:
+    """``reading`` is None for an answer of the server's, which is read as it is written."""
     if not isinstance(rows, list) or not rows:
         raise DecodeError(f"{field}: expected a non-empty list")
     if not _is_named(rows[0]):
         for i, row in enumerate(rows):
             if _is_named(row):
                 raise DecodeError(f"{field}[{i}]: an object of named inputs among bare values")
-        return (_to_tensor("", rows, lambda idx: field + _brackets(idx)),)
+        return (_to_tensor("", rows, lambda idx: field + _brackets(idx), reading),)
     names = list(rows[0])
     if not names:
         raise DecodeError(f"{field}[0]: expected at least one named input")
@@ -279,17 +428,27 @@ def _decode_rows(rows: Any, field: str) -> tuple[Tensor, ...]:
             raise DecodeError(f"{field}[{i}]: expected an object of named inputs like {field}[0]")
         if row.keys() != rows[0].keys():
             raise DecodeError(f"{field}[{i}]: has keys {sorted(row)}, but {field}[0] has {sorted(names)}")
-    return tuple(_to_tensor(name, [row[name] for row in rows], _row_where(field, name)) for name in names)
+    if reading is not None:
+        reading.keys += len(names) * len(rows)
+        for name in names:
+            if "\0" in name:  # TF Serving takes a row's keys as C strings (``kv.name.GetString()``)
+                ambiguity.check_text(name, f"{field}[0].{name}")
+    return tuple(_to_tensor(name, [row[name] for row in rows], _row_where(field, name), reading) for name in names)
 
 
 def _row_where(field: str, name: str) -> _Where:
     return lambda idx: f"{field}[{idx[0]}].{name}{_brackets(idx[1:])}" if idx else f"{field}[*].{name}"
 
 
-def _decode_columns(value: Any, field: str) -> tuple[Tensor, ...]:
+def _decode_columns(value: Any, field: str, reading: _Reading | None = None) -> tuple[Tensor, ...]:
     if not _is_named(value):
-        return (_to_tensor("", value, lambda idx: field + _brackets(idx)),)
-    return tuple(_to_tensor(name, v, _column_where(field, name)) for name, v in value.items())
+        return (_to_tensor("", value, lambda idx: field + _brackets(idx), reading),)
+    if reading is not None:
+        reading.keys += len(value)
+        for name in value:
+            if "\0" in name:  # not the input TF Serving looks up by its C string (``name.c_str()``)
+                ambiguity.check_text(name, f"{field}.{name}")
+    return tuple(_to_tensor(name, v, _column_where(field, name), reading) for name, v in value.items())
 
 
 def _column_where(field: str, name: str) -> _Where:
@@ -309,9 +468,9 @@ def _is_named(value: Any) -> bool:
     return isinstance(value, dict) and not _is_b64(value)
 
 
-def _to_tensor(name: str, value: Any, where: _Where) -> Tensor:
+def _to_tensor(name: str, value: Any, where: _Where, reading: _Reading | None = None) -> Tensor:
     shape, leaves = _dense(value, where)
-    datatype, data = _pack(leaves, shape, where)
+    datatype, data = _pack(leaves, shape, where, reading)
     return Tensor(name=name, datatype=datatype, shape=shape, data=data)
 
 
@@ -347,7 +506,7 @@ def _unravel(p: int, dims: Sequence[int]) -> tuple[int, ...]:
 _FAMILY = {bool: "boolean", int: "number", float: "number", str: "string", dict: "string"}
 
 
-def _pack(leaves: list[Any], shape: Sequence[int], where: _Where) -> tuple[str, bytes]:
+def _pack(leaves: list[Any], shape: Sequence[int], where: _Where, reading: _Reading | None) -> tuple[str, bytes]:
     kinds = set(map(type, leaves))
     if not kinds:
         return "FP64", b""
@@ -356,10 +515,16 @@ def _pack(leaves: list[Any], shape: Sequence[int], where: _Where) -> tuple[str, 
     if kinds == {int}:
         return _pack_ints(leaves, where(()))
     if kinds <= {int, float}:
+        if reading is not None:
+            reading.floats = True
+            if int in kinds:
+                _check_mixed_ints(leaves, shape, where)
         return "FP64", np.array(leaves, dtype="<f8").tobytes()
     if kinds == {str}:
         return "BYTES", pack_bytes_elements([x.encode() for x in leaves])
     if kinds <= {str, dict}:
+        if reading is not None:
+            reading.keys += sum(type(x) is dict for x in leaves)  # a b64 object has its one key
         return "BYTES", pack_bytes_elements(
             [_leaf_bytes(x, _leaf_where(where, p, shape)) for p, x in enumerate(leaves)]
         )
@@ -376,6 +541,16 @@ def _pack(leaves: list[Any], shape: Sequence[int], where: _Where) -> tuple[str, 
 
 def _leaf_where(where: _Where, p: int, shape: Sequence[int]) -> Callable[[], str]:
     return lambda: where(_unravel(p, shape))
+
+
+def _check_mixed_ints(leaves: list[Any], shape: Sequence[int], where: _Where) -> None:
+    """Integers among floats join the FP64 canonical tensor, where ``16777217`` and ``16777217.0`` are one value.
+    TF Serving tells them apart: a float signature takes an integer token only below 2^24 (a double one below
+    2^53) and refuses a larger one, while it rounds the float token. Below 2^24 both spellings read alike."""
+    for p, x in enumerate(leaves):
+        if type(x) is int and not -_FP32_INTEGERS < x < _FP32_INTEGERS:
+            raise DecodeError(f"{where(_unravel(p, shape))}: an integer past 2^24 among floats, which TF Serving "
+                              "reads differently from the same value written as a float; not modelled")
 
 
 def _pack_ints(leaves: list[int], field: str) -> tuple[str, bytes]:
@@ -398,8 +573,9 @@ def _leaf_bytes(value: Any, where: Callable[[], str]) -> bytes:
 
 
 def _b64decode(text: str, where: Callable[[], str]) -> bytes:
-    # absl::Base64Unescape, which TF Serving uses, accepts unpadded input too.
-    padded = text + "=" * (-len(text) % 4)
+    # absl::Base64Unescape, which TF Serving uses, takes no padding or exactly the padding due ("YQ=" is an
+    # error to it); it also skips whitespace and takes "." for "=", which b64decode refuses: not modelled.
+    padded = text if "=" in text else text + "=" * (-len(text) % 4)
     try:
         return base64.b64decode(padded, validate=True)
     except (binascii.Error, ValueError):
@@ -456,11 +632,11 @@ def _fixed(field: str) -> Callable[[], str]:
     return lambda: field
 
 
-def _decode_examples(doc: dict[str, Any], params: dict[str, Any]) -> Tensor:
+def _decode_examples(doc: dict[str, Any], params: dict[str, Any], reading: _Reading) -> Tensor:
     context_keys: set[str] = set()
     if CONTEXT_PARAM in doc:
         context = doc[CONTEXT_PARAM]
-        nonfinite = _check_example(context, CONTEXT_PARAM)
+        nonfinite = _check_example(context, CONTEXT_PARAM, reading)
         params[CONTEXT_PARAM] = canonical_json(context, nonfinite).decode()
         context_keys = set(context)
     examples = doc.get(EXAMPLES)
@@ -469,7 +645,7 @@ def _decode_examples(doc: dict[str, Any], params: dict[str, Any]) -> Tensor:
     elements = []
     for i, example in enumerate(examples):
         field = f"{EXAMPLES}[{i}]"
-        nonfinite = _check_example(example, field)
+        nonfinite = _check_example(example, field, reading)
         clash = context_keys & example.keys()
         if clash:
             raise DecodeError(f"{field}.{min(clash)}: also in context; a feature may appear in only one")
@@ -477,12 +653,16 @@ def _decode_examples(doc: dict[str, Any], params: dict[str, Any]) -> Tensor:
     return Tensor(EXAMPLES, "BYTES", (len(elements),), pack_bytes_elements(elements))
 
 
-def _check_example(example: Any, field: str) -> bool:
+def _check_example(example: Any, field: str, reading: _Reading) -> bool:
     """Validates a tf.Example in JSON form as TF Serving does; True when it holds NaN or infinities."""
     if not isinstance(example, dict):
         raise DecodeError(f"{field}: expected an object of features")
+    reading.keys += len(example)
     nonfinite = False
+    floats = reading.float_features
     for name, value in example.items():
+        if "\0" in name:  # feature names are C strings to TF Serving (``kv.name.GetString()``)
+            ambiguity.check_text(name, f"{field}.{name}")
         is_list = isinstance(value, list)
         kind = ""
         for j, v in enumerate(value if is_list else [value]):
@@ -491,8 +671,22 @@ def _check_example(example: Any, field: str) -> bool:
             if kind and this != kind:
                 raise DecodeError(f"{at}: a {this} value in a {kind} feature")
             kind = this
-            nonfinite = nonfinite or (type(v) is float and not math.isfinite(v))
+            if type(v) is float:
+                floats.append(v)
+                nonfinite = nonfinite or not math.isfinite(v)
+            elif type(v) is dict:
+                reading.keys += 1  # a b64 object has its one key
     return nonfinite
+
+
+def _check_float_features(values: list[float]) -> None:
+    """A float feature is always FP32 to TF Serving (``GetFloat()`` of its inexactly parsed double), whatever
+    the spelling: modelled unless the value lies so near an FP32 rounding boundary, or FLT_MAX, that an error
+    of a few units in the last place of the double could change the float or overflow the range check; or a
+    zero that may be spelt ``0e999``, which RapidJSON refuses (checked on the text by the caller)."""
+    if any(_FLT_MAX_NEAR < abs(v) <= _FLT_MAX for v in values):
+        raise DecodeError(f"{EXAMPLES}: a float so near FLT_MAX that TF Serving's parser may find it out of range")
+    ambiguity.check_fp32_small(values, struct.pack(f"<{len(values)}f", *values), EXAMPLES)
 
 
 def _feature_kind(value: Any, field: str) -> str:
@@ -529,7 +723,7 @@ def encode_request(req: InferenceRequest) -> bytes:
     body: dict[str, Any] = {}
     if SIGNATURE_PARAM in params:
         body[SIGNATURE_PARAM] = params[SIGNATURE_PARAM]
-    if params.get(FORMAT_PARAM) == ROW:
+    if row_format(req):
         body["instances"], nonfinite = _rows(req.inputs)
     else:
         # Columnar can express every set of tensors, so it is the choice for requests with no format.

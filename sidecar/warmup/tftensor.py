@@ -74,8 +74,13 @@ def from_tensor_proto(name: str, proto: tensor_pb2.TensorProto) -> Tensor:
     if proto.tensor_shape.unknown_rank:
         raise ValueError(f"input {name!r}: unknown rank")
     shape = tuple(int(d.size) for d in proto.tensor_shape.dim)
+    if any(d < 0 for d in shape):
+        raise ValueError(f"input {name!r}: a negative dimension in {list(shape)}")
     count = element_count(shape)
     if datatype == "BYTES":
+        if proto.tensor_content:
+            # TensorFlow reads a string tensor's tensor_content (its own string-list encoding) before string_val.
+            raise ValueError(f"input {name!r}: a string tensor in tensor_content")
         return Tensor(name, datatype, shape, pack_bytes_elements(_filled(list(proto.string_val), count, name)))
     dtype = np.dtype(NUMPY[datatype])
     if proto.tensor_content:
@@ -85,6 +90,9 @@ def from_tensor_proto(name: str, proto: tensor_pb2.TensorProto) -> Tensor:
         return Tensor(name, datatype, shape, bytes(proto.tensor_content))
     values = _filled(list(getattr(proto, _VALUE_FIELD[datatype])), count, name)
     if datatype in ("FP16", "BF16"):
+        if not all(0 <= v <= 0xFFFF for v in values):
+            # half_val is an int32 field that TensorFlow copies into 16 bits.
+            raise ValueError(f"input {name!r}: half_val values beyond 16 bits")
         return Tensor(name, datatype, shape, np.asarray(values, dtype="<u2").tobytes())
     return Tensor(name, datatype, shape, np.asarray(values).astype(dtype).tobytes())
 
