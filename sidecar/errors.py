@@ -73,6 +73,11 @@ class UpstreamUnavailable(SidecarError):
     grpc_code = "UNAVAILABLE"
 
 
+class AnswerTooLarge(UpstreamUnavailable):
+    """The model server's answer exceeds ``limits.max_answer_bytes``: a batch's joined answer may, where each
+    member's own would not."""
+
+
 class UpstreamTimeout(SidecarError):
     http_status = 504
     grpc_code = "DEADLINE_EXCEEDED"
