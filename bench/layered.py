@@ -27,6 +27,8 @@ sys.path.insert(0, str(ROOT))
 
 import orjson  # noqa: E402
 
+from sidecar.cache.keys import request_key  # noqa: E402
+from sidecar.protocols import kserve_http  # noqa: E402
 from sidecar.warmup import payload  # noqa: E402
 from sidecar.warmup.store import Sample, StoreLimits, open_store  # noqa: E402
 from tests.servers import TritonServer, wait_until  # noqa: E402
@@ -53,9 +55,10 @@ def recorded_store(path: Path) -> str:
         traffic = open_store(str(path), StoreLimits())
         samples = []
         for i, (model, share) in enumerate(SHARES.items()):
-            call = payload.RecordedCall(f"/v2/models/{model}/infer", (("Content-Type", "application/json"),),
-                                        body(float(i)))
-            samples.append(Sample(model, f"k{i}", "INPUT0:FP32[1,64]", 1, share * 10, payload.encode(call)))
+            request = kserve_http.decode_request(model, "", body(float(i)), None)
+            call = payload.RecordedCall.canonical(request)
+            samples.append(Sample(model, request_key(request), "INPUT0:FP32[1,64]", 1, share * 10,
+                                  payload.encode(call)))
         await traffic.add(samples)
         await traffic.close()
 

@@ -1,19 +1,27 @@
-"""The state gate in-process: hold until warm, bounded; reject with Retry-After."""
+"""The state gate in-process: hold until warm, bounded; reject with Retry-After; what a warm-up gates."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+from pathlib import Path
 
 import pytest
 
-from sidecar.config import GateConfig
+from sidecar.cache.keys import request_key
+from sidecar.config import GateConfig, load
 from sidecar.errors import Overloaded
+from sidecar.loading.book import ModelBook, ModelState
 from sidecar.metrics import Metrics
 from sidecar.pipeline.gate import Gate
 from sidecar.pipeline.stage import Call, HttpAnswer, HttpWire, Reply
+from sidecar.protocols import kserve_http
 from sidecar.protocols.request import InferenceRequest, Protocol
 from sidecar.state import State, StateMachine
+from sidecar.upstream.http import HttpUpstream
+from sidecar.warmup import payload
+from sidecar.warmup.store import Sample, StoreLimits, TrafficStore, open_store
+from sidecar.warmup.warmer import Warmer
 
 CALL = Call(InferenceRequest(Protocol.KSERVE_HTTP, "m"), "rid", 0.0, HttpWire(b"/v2/models/m/infer", (), b"{}"))
 
@@ -56,3 +64,87 @@ async def test_reject_while_warming_forward_when_warm() -> None:
         await gate(CALL, upstream)
     machine.to(State.WARM, "test")
     assert (await gate(CALL, upstream)).status == 200
+
+
+# -- warm-up behind the gate ------------------------------------------------------------------------------
+
+
+def _warmer_for(tmp_path: Path, machine: StateMachine, book: ModelBook, gate: Gate,
+                outcomes: list[str]) -> tuple[Warmer, TrafficStore]:
+    """A warmer over a store holding one recorded call of model m; each call it replays first sends a
+    caller's call of m through ``gate`` and notes what the caller got."""
+    cfg = load({}, {}, {})
+    store = open_store(str(tmp_path / "t.db"), StoreLimits())
+    caller = Call(kserve_http.decode_request("m", "", BODY, None), "caller", 0.0)
+
+    async def replay(call: Call) -> Reply:
+        try:
+            outcomes.append(str((await gate(caller, upstream)).status))
+        except Overloaded:
+            outcomes.append("503")
+        return Reply(200, wire=HttpAnswer(200, b"OK", (), b"{}"), for_call=call)
+
+    async def no_batch_dimension(model: str, protocol: object) -> int:
+        return 0
+
+    warmer = Warmer(cfg, store, HttpUpstream(cfg.upstream, Metrics(), 1 << 20), machine, Metrics(), send=replay,
+                    book=book)
+    warmer.planner.max_batch_of = no_batch_dimension
+    return warmer, store
+
+
+BODY = b'{"inputs":[{"name":"INPUT0","datatype":"FP32","shape":[1,2],"data":[1,2]}]}'
+
+
+async def _record(store: TrafficStore) -> None:
+    request = kserve_http.decode_request("m", "", BODY, None)
+    await store.add([Sample("m", request_key(request), "INPUT0:FP32[1,2]", 1, 3,
+                            payload.encode(payload.RecordedCall.canonical(request)))])
+
+
+async def test_a_rewarm_of_a_warm_pod_leaves_it_and_its_models_ready(tmp_path: Path) -> None:
+    """POST /warmup on a warm pod replays behind readiness: under reject, no caller sees a 503 meanwhile."""
+    machine = warming()
+    machine.to(State.WARM, "test")
+    book = ModelBook(lambda: machine.state in (State.WARMING, State.WARM))
+    book.set("m", ModelState.WARM)
+    gate = Gate(dataclasses.replace(GateConfig(), policy="reject"), machine, Metrics(), book)
+    outcomes: list[str] = []
+    warmer, store = _warmer_for(tmp_path, machine, book, gate, outcomes)
+    await _record(store)
+    assert await warmer("tfserving")
+    await store.close()
+    assert outcomes and set(outcomes) == {"200"}  # the replay ran, and m stayed open all along
+    assert machine.state is State.WARM and machine.progress == 1.0
+    assert book.models["m"].state is ModelState.WARM
+    assert warmer.report is not None and warmer.report.complete
+
+
+async def test_a_warm_up_after_a_restart_still_gates_each_model_until_warm(tmp_path: Path) -> None:
+    machine = warming()  # the model server came back: the pod warms again from WARMING
+    book = ModelBook(lambda: machine.state in (State.WARMING, State.WARM))
+    gate = Gate(dataclasses.replace(GateConfig(), policy="reject"), machine, Metrics(), book)
+    outcomes: list[str] = []
+    warmer, store = _warmer_for(tmp_path, machine, book, gate, outcomes)
+    await _record(store)
+    assert await warmer("tfserving")
+    await store.close()
+    assert outcomes and set(outcomes) == {"503"}
+    assert book.models["m"].state is ModelState.WARM
+
+
+async def test_a_rewarm_finishes_a_model_a_finished_warm_up_left_not_warm(tmp_path: Path) -> None:
+    """A model left warming (its warm-up did not converge) is not ready before the re-warm either; the re-warm
+    warms it, and it turns ready."""
+    machine = warming()
+    machine.to(State.WARM, "test")
+    book = ModelBook(lambda: machine.state in (State.WARMING, State.WARM))
+    book.set("m", ModelState.WARMING, "not converged")
+    gate = Gate(dataclasses.replace(GateConfig(), policy="reject"), machine, Metrics(), book)
+    outcomes: list[str] = []
+    warmer, store = _warmer_for(tmp_path, machine, book, gate, outcomes)
+    await _record(store)
+    assert await warmer("tfserving")
+    await store.close()
+    assert outcomes and set(outcomes) == {"503"}
+    assert book.models["m"].state is ModelState.WARM and book.ready("m")

@@ -20,6 +20,8 @@ import orjson
 import pytest
 from tritonclient.grpc import service_pb2
 
+from sidecar.cache.keys import request_key
+from sidecar.protocols import kserve_http
 from sidecar.protogen.grpc.health.v1 import health_pb2
 from sidecar.warmup import payload
 from sidecar.warmup.store import Sample, StoreLimits, open_store
@@ -51,11 +53,11 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> str:
 
     async def fill() -> None:
         traffic = open_store(path, StoreLimits())
-        recorded = [payload.encode(payload.RecordedCall(f"/v2/models/{m}/infer", (("Content-Type",
-                                                                                   "application/json"),), body()))
-                    for m in SHARES]
-        await traffic.add([Sample(m, f"k-{m}", "INPUT0:FP32[1,64]", 1, n, p)
-                           for (m, n), p in zip(SHARES.items(), recorded, strict=True)])
+        # Each payload under its own request's key: warm-up replays nothing else.
+        requests = [kserve_http.decode_request(m, "", body(), None) for m in SHARES]
+        await traffic.add([Sample(m, request_key(r), "INPUT0:FP32[1,64]", 1, n,
+                                  payload.encode(payload.RecordedCall.canonical(r)))
+                           for (m, n), r in zip(SHARES.items(), requests, strict=True)])
         await traffic.close()
 
     asyncio.run(fill())

@@ -159,6 +159,7 @@ def test_an_unwritable_store_is_one_line_and_exit_2(tmp_path: Path) -> None:
 
 
 async def test_a_model_without_a_batch_dimension_shows_no_batch_size(tmp_path: Path) -> None:
+    from sidecar.cache.keys import request_key
     from sidecar.config import load
     from sidecar.protocols import kserve_http
 
@@ -167,7 +168,8 @@ async def test_a_model_without_a_batch_dimension_shows_no_batch_size(tmp_path: P
                                                    body))
     assert kserve_http.decode_request("flat", "", body, None).inputs[0].shape == (4, 2)
     store = open_store(str(tmp_path / "t.db"), StoreLimits())
-    await store.add([Sample("flat", "k", "X:FP32[4,2]", 4, 3, recorded)])
+    key = request_key(kserve_http.decode_request("flat", "", body, None))
+    await store.add([Sample("flat", key, "X:FP32[4,2]", 4, 3, recorded)])
 
     async def no_batch_dimension(model: str, protocol: object) -> int:
         return 0

@@ -6,9 +6,11 @@ sidecar replayed can be read back from Triton's own per-batch-size statistics.
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import re
 import shutil
+import struct
 import subprocess
 import sys
 import time
@@ -18,8 +20,10 @@ from pathlib import Path
 import orjson
 import pytest
 
-from sidecar.protocols import tfserving_rest
+from sidecar.cache.keys import request_key, shape_signature
+from sidecar.protocols import kserve_http, tfserving_rest
 from sidecar.warmup.export import from_tfserving_warmup, to_tfserving_warmup
+from sidecar.warmup.store import Sample, StoreLimits, open_store
 from tests.servers import MODELS_DIR, KServeServer, RedisServer, ServerExited, TritonServer, wait_until
 from tests.sidecar_proc import SidecarProcess, http_status
 from tests.wire import exchange
@@ -182,6 +186,77 @@ def test_reject_policy_and_not_ready_health_paths(
         assert send(sidecar.url, "identity_fp32", infer_body(1, 2.0)) == 200
     finally:
         sidecar.stop()
+
+
+TOKEN = "test-admin-token"
+
+
+def test_a_rewarm_keeps_a_warm_pod_and_its_models_ready(
+    cold_triton: TritonServer, tmp_path: Path, slow_store: str
+) -> None:
+    """POST /warmup on a warm pod replays behind readiness: under gate.policy=reject, no caller gets a 503 and
+    the pod and the model being replayed stay ready while it runs."""
+    args = ["--store", slow_store, *FAST, "--set", "warmup.max_batch=1", "--set", "gate.policy=reject",
+            "--set", f"admin_token={TOKEN}"]
+    with SidecarProcess(cold_triton.url, tmp_path, "triton", args) as sidecar:
+        assert status(sidecar)["warmups_run"] == 1
+        before = cold_triton.settled_counts("slow")
+        posted = time.time()
+        answer = exchange(sidecar.admin_url, "POST", "/warmup", b"", {"Authorization": f"Bearer {TOKEN}"})
+        assert answer.status == 202 and "stays ready" in orjson.loads(answer.body)["warmup"]
+        # The re-warm's first replayed call of `slow` (1 s) is answered: its next pass is under way now.
+        cold_triton.counts_since("slow", before, 1)
+        for _ in range(2):
+            assert send(sidecar.url, "slow", infer_body(1, 3.0)) == 200  # queued behind the replay, not refused
+            assert http_status(sidecar.url + "/v2/models/slow/ready") == 200
+            assert http_status(sidecar.url + "/v2/health/ready") == 200
+            assert http_status(sidecar.admin_url + "/readyz") == 200
+        report = wait_until(lambda: (r := status(sidecar)["last_warmup"])["started"] >= posted - 1 and r, 30,
+                            "the re-warm's report")
+        assert report["complete"] and report["passes"] >= 2, report
+        assert status(sidecar)["warmups_run"] == 2
+        assert status(sidecar)["models"]["slow"]["state"] == "warm"
+        # The re-warm replayed at least two passes of the recorded call; the two probes came on top.
+        assert cold_triton.counts_since("slow", before, 4)[0] >= 4
+
+
+def older_payload(model: str, body: bytes) -> bytes:
+    """A payload as sidecars before version 2 wrote it: the caller's own JSON bytes."""
+    header = orjson.dumps({"v": 1, "path": f"/v2/models/{model}/infer",
+                           "headers": [["Content-Type", "application/json"]]})
+    return struct.pack("<I", len(header)) + header + body
+
+
+def test_sequence_calls_are_never_recorded_nor_replayed(cold_triton: TritonServer, tmp_path: Path) -> None:
+    """Calls of a sequence: not recorded now, and those an older version recorded are never replayed (each
+    kind at a batch size of its own, so Triton's statistics show what ran)."""
+    store = str(tmp_path / "traffic.db")
+    sequence = infer_body(2, 2.0, parameters={"sequence_id": 7, "sequence_start": True})
+    with (TritonServer(MODELS_DIR, tmp_path / "t0", models=["identity_fp32"]) as first,
+          SidecarProcess(first.url, tmp_path, "triton", ["--store", store, *FAST]) as recorder):
+        assert send(recorder.url, "identity_fp32", infer_body(1, 1.0)) == 200
+        for _ in range(3):
+            assert send(recorder.url, "identity_fp32", sequence) == 200
+    older = infer_body(4, 4.0, parameters={"sequence_id": 9, "sequence_end": True})
+    request = kserve_http.decode_request("identity_fp32", "", older, None)
+
+    async def add_older() -> None:
+        traffic = open_store(store, StoreLimits())
+        await traffic.add([Sample("identity_fp32", request_key(request), shape_signature(request), 4, 10,
+                                  older_payload("identity_fp32", older))])
+        await traffic.close()
+
+    asyncio.run(add_older())
+    assert batch_counts(cold_triton, "identity_fp32") == {}
+    args = ["--store", store, *FAST, "--set", "warmup.max_batch=1"]  # no shape sweep: only recorded calls run
+    with SidecarProcess(cold_triton.url, tmp_path, "triton", args) as sidecar:
+        ran_batches(cold_triton, "identity_fp32", {1}, times=2)
+        data = status(sidecar)
+        assert data["plan_skipped"] == {"stateful": 1}, data["plan_skipped"]
+        assert [c["batch"] for m in data["plan"] for c in m["calls"]] == [1]
+        cold_triton.settled_counts("identity_fp32")
+        counts = batch_counts(cold_triton, "identity_fp32")
+        assert set(counts) == {1}, counts  # neither the sequence recorded now nor the older one ran
 
 
 def test_two_sidecars_share_redis_and_survive_its_loss(tmp_path: Path) -> None:

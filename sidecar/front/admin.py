@@ -1,11 +1,15 @@
 """The admin port: Kubernetes probes, Prometheus metrics, a status page.
 
-Every answer about readiness is read from the one StateMachine.
+Every answer about readiness is read from the one StateMachine. ``/status`` is open (no token), so
+what it costs is bounded whatever the rate of requests: the plan it shows is the last one built, by a
+warm-up or by the status page itself, and the page builds one (payloads decoded in a thread, each
+payload once) at most every ``_PLAN_EVERY`` seconds, all requests in between sharing it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import time
 from collections.abc import Awaitable, Callable
@@ -23,7 +27,8 @@ from ..supervise import Supervisor
 from ..warmup.planner import Plan
 from ..warmup.warmer import Warmer
 
-_PLAN_TIMEOUT = 2.0
+_PLAN_TIMEOUT = 2.0  # seconds a status request waits for a plan being built before it shows the last one
+_PLAN_EVERY = 3.0  # seconds a plan is shown before the status page builds the one a warm-up would run now
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,9 @@ class AdminFront:
         self.supervisor = supervisor
         self.degraded_while_warming = degraded_while_warming
         self.actions = actions
+        self._plan: Plan | None = None
+        self._plan_at = float("-inf")  # time.monotonic() when self._plan was built
+        self._planning: asyncio.Task[None] | None = None
 
     def application(self) -> web.Application:
         app = web.Application()
@@ -128,12 +136,28 @@ class AdminFront:
         return web.Response(text=self.status_text(data, plan), content_type="text/plain")
 
     async def _current_plan(self) -> Plan:
-        """The plan a warm-up would run now (not the last one's), or the last one if it cannot be built fast."""
-        try:
+        """The plan a warm-up would run now, as of at most ``_PLAN_EVERY`` seconds ago (the last warm-up's when it
+        is newer); one build at a time, shared by every request waiting for it."""
+        built_at = self.warmer.plan_at
+        if built_at is not None and built_at >= self._plan_at:
+            self._plan, self._plan_at = self.warmer.plan, built_at
+        if self._plan is not None and time.monotonic() - self._plan_at < _PLAN_EVERY:
+            return self._plan
+        if self._planning is None or self._planning.done():
+            self._planning = asyncio.get_running_loop().create_task(self._build_plan())
+        # Shielded: a request that gives up (or times out) leaves the build running for the next one.
+        with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(_PLAN_TIMEOUT):
-                return await self.warmer.planner.build(self.monitor.protocol or "triton")
+                await asyncio.shield(self._planning)
+        return self._plan if self._plan is not None else self.warmer.plan
+
+    async def _build_plan(self) -> None:
+        try:
+            plan = await self.warmer.planner.build(self.monitor.protocol or "triton")
         except Exception:  # a status page must answer whatever the store or the model server do
-            return self.warmer.plan
+            plan = self._plan if self._plan is not None else self.warmer.plan
+        # Stamped even when it failed: a failing store is asked again in _PLAN_EVERY seconds, not per request.
+        self._plan, self._plan_at = plan, time.monotonic()
 
     def status_data(self, plan: Plan) -> dict[str, Any]:
         m = self.machine
@@ -157,8 +181,11 @@ class AdminFront:
                  "calls": [{"kind": c.kind, "batch": c.batch, "shape": c.shape} for c in mp.calls]}
                 for mp in plan.models
             ],
+            "plan_skipped": {reason: n for reason, n in sorted(plan.skipped.items()) if n},
             "last_warmup": None if report is None else {
                 "passes": report.passes, "complete": report.complete, "reason": report.reason,
+                "started": round(report.started, 3),
+                "finished": None if report.finished is None else round(report.finished, 3),
                 "errors": report.errors[-20:],
                 "groups": [{"model": g.model, "batch": g.batch, "shape": g.shape, "converged": g.converged,
                             "failed": g.failed, "pass_latencies_ms": [round(x * 1e3, 3) for x in g.passes]}

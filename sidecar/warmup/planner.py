@@ -1,27 +1,36 @@
 """The warm-up plan: what to replay, per model, in order of each model's share of traffic.
 
-Per model: the top-N recorded calls (most frequent first, sent exactly as clients sent
-them), the user's seed requests, and a shape sweep: for a model with a batch dimension,
-one call at every batch size the recorded histogram shows (1, 2, 4, ... up to the model's
-maximum when nothing is recorded), built by stacking rows of recorded or seed requests.
+Per model: the top-N recorded calls (most frequent first), the user's seed requests, and a
+shape sweep: for a model with a batch dimension, one call at every batch size the recorded
+histogram shows (1, 2, 4, ... up to the model's maximum when nothing is recorded), built by
+stacking rows of recorded or seed requests.
+
+A recorded call is replayed only when its payload decodes to exactly the request its key names
+and is not a call of a sequence (older sidecars recorded those too), and it is sent in its
+canonical form (``dispatch.encode_http``) with the headers that reach the model, whatever bytes
+are stored. The rest are dropped and counted (``Plan.skipped``). Decoding is CPU work done in a
+thread; a payload checked by an earlier build (same key, same bytes) is not decoded again.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import hashlib
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..cache.keys import batch_size, shape_signature
+from ..cache.keys import batch_size, is_stateful, shape_signature
 from ..config import Config
 from ..errors import DecodeError
-from ..protocols import kserve_http, tfserving_rest
+from ..front import restrict
+from ..protocols import dispatch, forwarded, kserve_http, tfserving_rest
 from ..protocols.request import InferenceRequest, Protocol
 from ..protocols.rows import row_signature, stack
 from . import payload
-from .store import TrafficStore
+from .store import StoredRequest, TrafficStore
 
 log = logging.getLogger("sidecar.planner")
 
@@ -46,6 +55,9 @@ class PlannedCall:
     shape: str
     batch: int
     weight: float = 0.0
+    # Headers that reach the model with a recorded call (Triton's header forwarding): sent with it, and part
+    # of its cache identity as they are of its callers'.
+    context: forwarded.Context = ()
 
 
 @dataclass
@@ -59,6 +71,8 @@ class ModelPlan:
 @dataclass
 class Plan:
     models: list[ModelPlan] = field(default_factory=list)
+    # Recorded calls left out, by reason (payload.REASONS): never replayed.
+    skipped: dict[str, int] = field(default_factory=dict)
 
     @property
     def total_calls(self) -> int:
@@ -77,7 +91,16 @@ class Plan:
                 f"  {m.model}: {m.share:6.1%} of traffic, max batch {m.max_batch or '-'}; "
                 f"{kinds['recorded']} recorded, {kinds['seed']} seed, {kinds['sweep']} sweep; {sizes}"
             )
+        if any(self.skipped.values()):
+            lines.append("  recorded calls never replayed: " + ", ".join(
+                f"{n} {_SKIPPED[reason]}" for reason, n in sorted(self.skipped.items()) if n))
         return "\n".join(lines) + "\n"
+
+
+_SKIPPED = {payload.STATEFUL: "of a sequence", payload.MISMATCH: "not the call their key names",
+            payload.UNREADABLE: "unreadable", payload.CREDENTIAL: "with credentials"}
+# A payload's identity for the memo of checked payloads: its key, and its bytes' digest.
+_Checked = tuple[str, bytes]
 
 
 ModelInfo = Callable[[str, Protocol], Awaitable[int | None]]  # max batch size; 0 = none; None = unknown
@@ -88,6 +111,10 @@ class Planner:
         self.cfg = cfg
         self.store = store
         self.max_batch_of = max_batch_of
+        self.secrets = payload.CREDENTIALS | secret_headers(cfg)
+        # Per model, the payloads the last build checked: the planned call, or why it is left out. Replaced
+        # by each build of that model, so it holds no more than one plan does.
+        self._checked: dict[str, dict[_Checked, PlannedCall | str]] = {}
 
     async def build(self, upstream: str) -> Plan:
         """``upstream``: ``triton`` or ``tfserving``, the wire format of seed files and model metadata."""
@@ -99,13 +126,14 @@ class Planner:
         total = sum(weights.values()) or 1.0
         plan = Plan()
         for model, weight in sorted(weights.items(), key=lambda kv: -kv[1]):
-            model_plan = await self._model_plan(model, weight / total, seeds.get(model, []), protocol)
+            model_plan = await self._model_plan(model, weight / total, seeds.get(model, []), protocol, plan.skipped)
             if model_plan.calls:
                 plan.models.append(model_plan)
         return plan
 
-    async def _model_plan(self, model: str, share: float, seeds: list[PlannedCall], protocol: Protocol) -> ModelPlan:
-        recorded = await self.recorded(model)
+    async def _model_plan(self, model: str, share: float, seeds: list[PlannedCall], protocol: Protocol,
+                          skipped: dict[str, int]) -> ModelPlan:
+        recorded = await self.recorded(model, skipped)
         base = recorded + seeds
         max_batch = await self.max_batch_of(model, protocol) or 0
         if max_batch == 0:
@@ -117,19 +145,79 @@ class Planner:
             plan.calls.extend(sweep(base, histogram, min(max_batch, self.cfg.warmup.max_batch)))
         return plan
 
-    async def recorded(self, model: str) -> list[PlannedCall]:
-        """The top ``record.top_n`` recorded calls of ``model``, most frequent first; unreadable ones skipped."""
+    async def recorded(self, model: str, skipped: dict[str, int] | None = None) -> list[PlannedCall]:
+        """The top ``record.top_n`` recorded calls of ``model`` that may be replayed, most frequent first;
+        the others counted in ``skipped`` by reason."""
+        stored = await self.store.top(model, self.cfg.record.top_n)
+        if not stored:
+            self._checked.pop(model, None)
+            return []
+        previous = self._checked.get(model, {})
+        results, checked, fresh = await asyncio.to_thread(_check_all, stored, previous, self.secrets)
+        self._checked[model] = checked
         calls = []
-        for stored in await self.store.top(model, self.cfg.record.top_n):
-            try:
-                recorded = payload.decode(stored.payload)
-                request = recorded.to_request()
-            except (ValueError, DecodeError) as e:
-                log.warning("skipping an unreadable recorded call of %s: %s", model, e)
-                continue
-            calls.append(PlannedCall(model, "recorded", recorded.path, recorded.headers, recorded.body, request,
-                                     shape_signature(request), batch_size(request), stored.weight))
+        counts: dict[str, int] = {}
+        for item, result in zip(stored, results, strict=True):
+            if isinstance(result, str):
+                counts[result] = counts.get(result, 0) + 1
+            else:
+                calls.append(dataclasses.replace(result, weight=item.weight))
+        for reason, n in counts.items():
+            if skipped is not None:
+                skipped[reason] = skipped.get(reason, 0) + n
+        if fresh:  # once per payload, not at every build (the status page builds every few seconds)
+            log.warning("%d recorded call(s) of %s are never replayed: %s", sum(fresh.values()), model,
+                        ", ".join(f"{n} {_SKIPPED[reason]}" for reason, n in sorted(fresh.items())))
         return calls
+
+
+def _check_all(stored: list[StoredRequest], previous: dict[_Checked, PlannedCall | str], secrets: frozenset[bytes]
+               ) -> tuple[list[PlannedCall | str], dict[_Checked, PlannedCall | str], dict[str, int]]:
+    """In a thread: each stored payload's planned call (weight 0) or the reason it is left out; the memo for
+    the next build; the reasons found among payloads not checked before."""
+    results: list[PlannedCall | str] = []
+    checked: dict[_Checked, PlannedCall | str] = {}
+    fresh: dict[str, int] = {}
+    for item in stored:
+        ident = (item.key, hashlib.blake2b(item.payload, digest_size=16).digest())
+        result = checked.get(ident) or previous.get(ident)
+        if result is None:
+            result = _check_one(item, secrets)
+            if isinstance(result, str):
+                fresh[result] = fresh.get(result, 0) + 1
+        checked[ident] = result
+        results.append(result)
+    return results, checked, fresh
+
+
+def _check_one(item: StoredRequest, secrets: frozenset[bytes]) -> PlannedCall | str:
+    try:
+        recorded = payload.decode(item.payload)
+        request = payload.check(recorded, item.key, secrets)
+        # Sent as the codec read it, never as stored: what a payload of an older version holds are a caller's
+        # bytes, and only their reading by the codec is known to be what the key names.
+        target, headers, body = dispatch.encode_http(request)
+    except payload.Unreplayable as e:
+        return e.reason
+    except Exception:  # stored bytes are not trusted (a Redis store is shared): one must never stop a warm-up
+        return payload.UNREADABLE
+    return PlannedCall(request.model, "recorded", target.decode("latin-1"),
+                       tuple((k.decode("latin-1"), v.decode("latin-1")) for k, v in headers), body, request,
+                       shape_signature(request), batch_size(request), 0.0, recorded.context_bytes())
+
+
+def secret_headers(cfg: Config) -> frozenset[bytes]:
+    """Header names (lower case) that hold the sidecar's configured credentials: the restricted APIs' headers,
+    as HTTP headers and as Triton's gRPC metadata keys (``triton-grpc-protocol-<header>``)."""
+    names: set[bytes] = set()
+    for spec in (cfg.restricted_api, cfg.grpc_restricted_protocol):
+        try:
+            restrictions = restrict.parse(spec)
+        except ValueError:
+            continue  # refused when the configuration was loaded; nothing to add here
+        for r in restrictions:
+            names.update((r.header, b"triton-grpc-protocol-" + r.header))
+    return frozenset(names)
 
 
 def sweep(base: Sequence[PlannedCall], recorded_batches: Iterable[int], max_batch: int) -> list[PlannedCall]:
@@ -180,11 +268,17 @@ def load_seeds(directory: str, savedmodel: str, protocol: Protocol) -> dict[str,
     if directory:
         for path in sorted(Path(directory).glob("*/*.json")):
             call = _seed_file(path, protocol)
-            if call is not None:
+            if call is not None and is_stateful(call.request):
+                log.warning("seed file %s skipped: a call of a sequence is never replayed", path)
+            elif call is not None:
                 seeds.setdefault(call.model, []).append(call)
     if savedmodel:
         for req in _savedmodel_requests(Path(savedmodel)):
-            seeds.setdefault(req.model, []).append(planned(req, "seed"))
+            if is_stateful(req):
+                log.warning("a SavedModel warm-up record of %s skipped: a call of a sequence is never replayed",
+                            req.model)
+            else:
+                seeds.setdefault(req.model, []).append(planned(req, "seed"))
     return seeds
 
 

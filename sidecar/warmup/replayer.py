@@ -15,10 +15,11 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from ..cache.keys import is_stateful
 from ..config import WarmupConfig
 from ..errors import SidecarError
 from ..metrics import Metrics
-from ..pipeline.stage import Call, HttpWire, Reply
+from ..pipeline.stage import Call, Header, HttpWire, Reply
 from .planner import Plan, PlannedCall, batch_text
 
 log = logging.getLogger("sidecar.warmup")
@@ -62,8 +63,12 @@ class WarmupReport:
 
 class Replayer:
     def __init__(self, cfg: WarmupConfig, send: Send, metrics: Metrics, timeout: float,
-                 on_progress: Callable[[float], None] | None = None) -> None:
+                 on_progress: Callable[[float], None] | None = None, own_headers: tuple[Header, ...] = ()) -> None:
+        """``own_headers``: sent with every replayed call (the sidecar's own calls): the header and value of
+        ``restricted_api`` for inference, without which a model server restricted alike refuses them."""
         self.cfg = cfg
+        self.own_headers = own_headers
+        self._own_names = frozenset(name.lower() for name, _ in own_headers)
         self.send = send
         self.metrics = metrics
         self.timeout = timeout
@@ -132,13 +137,18 @@ class Replayer:
         return list(await asyncio.gather(*(one(c) for c in calls)))
 
     async def _replay(self, call: PlannedCall, report: WarmupReport) -> float | None:
+        if is_stateful(call.request):  # the planner leaves these out; a sequence must never be touched here
+            self._failed(call, report, "a call of a sequence is never replayed")
+            return None
         loop = asyncio.get_running_loop()
-        headers = tuple((k.encode("latin-1"), v.encode("latin-1")) for k, v in call.headers)
+        headers = (*((k.encode("latin-1"), v.encode("latin-1")) for k, v in call.headers),
+                   *(h for h in call.context if h[0].lower() not in self._own_names), *self.own_headers)
         wire = HttpWire(call.path.encode("latin-1"), headers, call.body)
         # no_cache: a replayed call measures the model, so it is never answered from the cache, but its
-        # answer is stored there (warm from the first request).
+        # answer is stored there (warm from the first request), under the identity its callers' calls have
+        # (the same context).
         replayed = Call(call.request, f"warmup-{call.kind}", loop.time() + self.timeout, wire, route="warmup",
-                        origin="warmup", no_cache=True)
+                        origin="warmup", no_cache=True, context=call.context)
         started = time.perf_counter()
         try:
             reply = await self.send(replayed)

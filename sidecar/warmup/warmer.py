@@ -6,7 +6,12 @@ the models carrying ``warmup.ready_share`` of recorded traffic are warm (``on_re
 keep warming in the background at ``warmup.background_concurrency``, so they do not slow the models
 already serving. A caller waiting for a model (``ModelBook.want``) moves it to the front.
 
-Holds the last plan and report for the /status page and `sidecar plan`.
+A warm-up that starts while the pod is warm (``POST /warmup``) is a re-warm: it replays behind
+readiness. It loads nothing, changes no model's state, and a model the book says is warm stays warm
+(ready, un-gated) while its calls replay; it only finishes models a finished warm-up left not warm.
+A warm-up after a model-server restart starts from WARMING: every model is gated until warm again.
+
+Holds the last plan (and when it was built) and report for the /status page and `sidecar plan`.
 """
 
 from __future__ import annotations
@@ -18,13 +23,14 @@ from collections.abc import Callable
 
 from ..config import Config
 from ..errors import SidecarError
+from ..front import restrict
 from ..loading.book import ModelBook, ModelState
 from ..loading.repository import Repository
 from ..metrics import Metrics
 from ..pipeline.latency import LatencyModel
-from ..pipeline.stage import Next
+from ..pipeline.stage import Header, Next
 from ..protocols.request import Protocol
-from ..state import StateMachine
+from ..state import State, StateMachine
 from ..upstream.http import HttpUpstream
 from ..upstream.models import ModelCatalog
 from .planner import ModelPlan, Plan, Planner
@@ -51,9 +57,11 @@ class Warmer:
         self.repository = Repository(client, cfg.warmup.budget)
         self.planner = Planner(cfg, store_planner_store, self.max_batch_of)  # type: ignore[arg-type]
         self.replayer = Replayer(cfg.warmup, send or client.send, metrics, cfg.upstream.timeout,
-                                 on_progress=self._model_progress)
+                                 on_progress=self._model_progress, own_headers=own_headers(cfg.restricted_api))
         self._done, self._total = 0, 1  # models warmed in this warm-up, and how many it has
         self.plan = Plan()
+        self.plan_at: float | None = None  # time.monotonic() when self.plan was built; None: never
+        self._running = 0  # warm-ups in progress (a re-warm may start while one still warms in the background)
         self.report: WarmupReport | None = None
         self.runs = 0
         self.managing = False  # whether the sidecar loads models itself (explicit mode)
@@ -67,41 +75,58 @@ class Warmer:
 
     async def __call__(self, protocol: str, on_ready: OnReady | None = None) -> bool:
         """One warm-up of a ``triton`` or ``tfserving`` upstream; True when the pod may report ready.
-        ``on_ready`` is called (at most once) as soon as the ready share is warm."""
+        ``on_ready`` is called (at most once) as soon as the ready share is warm. Started while the pod is
+        warm, it is a re-warm (see the module's notes)."""
         if not self.cfg.warmup.enabled:
             return True
         self.runs += 1
+        rewarm = self.machine.state is State.WARM
         self.protocol = protocol
         self._progress(0.0)
+        self._running += 1
         try:
             self.plan = await self.planner.build(protocol)
-            log.info("warm-up %d: %s", self.runs, self.plan.render().strip())
-            order = await self._order(protocol)
-            complete = await self._warm_in_order(order, on_ready)
+            self.plan_at = time.monotonic()
+            log.info("%s %d: %s", "re-warm" if rewarm else "warm-up", self.runs, self.plan.render().strip())
+            order = await self._order(protocol, rewarm)
+            complete = await self._warm_in_order(order, on_ready, rewarm)
         except (SidecarError, OSError, ValueError) as e:
             # The store or the model server failed us: warm-up is best effort unless it is required.
             self.metrics.warmup_incomplete.inc()
             log.warning("warm-up %d could not run (%s)", self.runs, getattr(e, "message", type(e).__name__))
             return not self.cfg.warmup.require_complete
+        finally:
+            self._running -= 1
         if self.report is not None:
             log.info("warm-up %d done: %s", self.runs, self.report.render().strip())
         return complete or not self.cfg.warmup.require_complete
 
     # -- the order ------------------------------------------------------------------------------------
 
-    async def _order(self, protocol: str) -> list[str]:
+    async def _order(self, protocol: str, rewarm: bool = False) -> list[str]:
         """Models by share of recorded traffic, then those never seen (``models.unseen``); tracked in the book
-        with their share and whether they are loaded."""
+        with their share and whether they are loaded. A re-warm changes no model's state and tracks no new
+        one (an untracked model follows the pod, which is ready): it only refreshes the shares."""
         shares = {mp.model: mp.share for mp in self.plan.models}
         loaded = {m for m, _ in self.loaded() or ()}
         index = await self.repository.index() if protocol == "triton" else None
-        self.managing = (self.cfg.models.load == "auto" and index is not None
-                         and any(not e.state for e in index))  # a model never loaded: explicit mode
+        managing = (self.cfg.models.load == "auto" and index is not None
+                    and any(not e.state for e in index))  # a model never loaded: explicit mode
         known = [e.name for e in index] if index is not None else []
         ordered = sorted(shares, key=lambda m: -shares[m])
         unseen = [m for m in dict.fromkeys([*known, *sorted(loaded)]) if m not in shares]
         ordered += self._unseen(unseen, loaded)
         ready_now = loaded | {e.name for e in index or () if e.state == "READY"}
+        if rewarm:
+            for name in ordered:
+                entry = self.book.models.get(name)
+                if entry is not None:
+                    entry.share = shares.get(name, 0.0)
+            # Replay only what is loaded now (nothing is loaded for a re-warm); unknown when the server lists
+            # nothing (TF Serving): then every planned model.
+            listed = bool(ready_now) or index is not None
+            return [m for m in ordered if not listed or m in ready_now or self._tracked_loaded(m)]
+        self.managing = managing
         for name in ordered:
             self.book.track([name])
             entry = self.book.models[name]
@@ -114,6 +139,10 @@ class Warmer:
             self.book.track(rest, ModelState.UNLOADED)
         return ordered
 
+    def _tracked_loaded(self, name: str) -> bool:
+        entry = self.book.models.get(name)
+        return entry is not None and entry.state not in (ModelState.UNLOADED, ModelState.LOADING, ModelState.FAILED)
+
     def _unseen(self, unseen: list[str], loaded: set[str]) -> list[str]:
         policy = self.cfg.models.unseen
         if policy == ("all",):
@@ -125,21 +154,28 @@ class Warmer:
 
     # -- model by model ---------------------------------------------------------------------------------
 
-    async def _warm_in_order(self, order: list[str], on_ready: OnReady | None) -> bool:
+    async def _warm_in_order(self, order: list[str], on_ready: OnReady | None, rewarm: bool = False) -> bool:
         merged = WarmupReport()  # becomes self.report (the last finished warm-up) when done
-        ready = False
+        ready = rewarm  # a re-warm runs behind readiness from its start
         complete = True
         pending = list(order)
         self._total = max(len(order), 1)
         for done in range(len(order)):
+            if rewarm and self.machine.state is not State.WARM:
+                # The pod left WARM (the model server restarted, or it drains): the warm-up that follows a
+                # restart takes over; this one must not mark anything warm in the meantime.
+                complete = False
+                merged.reasons.append(f"the pod left warm ({self.machine.state.value})")
+                break
             self._done = done
-            name = self.book.next_wanted(pending) or pending[0]
+            # A re-warm takes no wanted model first: a want is for the warm-up (or the loader) that owns it.
+            name = pending[0] if rewarm else self.book.next_wanted(pending) or pending[0]
             pending.remove(name)
             if not ready and pending:
                 # Until the pod is ready, the next model loads while this one warms: a load is mostly a new
                 # process importing its framework, a warm-up mostly compiling, so the two share the cores well.
                 self._prefetch(pending[0])
-            report = await self.warm_model(name, background=ready)
+            report = await (self._rewarm_model(name) if rewarm else self.warm_model(name, background=ready))
             if report is not None:
                 merged.groups.update(report.groups)
                 merged.passes = max(merged.passes, report.passes)
@@ -159,6 +195,31 @@ class Warmer:
         self.report = merged
         return complete
 
+    async def _rewarm_model(self, name: str) -> WarmupReport | None:
+        """A re-warm's turn for ``name``: a warm (or untracked) model replays and stays as it is, ready; a model
+        a finished warm-up left queued or warming is warmed as usual; one loading or warming in a warm-up still
+        running (in the background) is left to it."""
+        entry = self.book.models.get(name)
+        if entry is None or entry.state is ModelState.WARM:
+            return await self._replay(name, background=True)
+        if entry.state not in (ModelState.QUEUED, ModelState.WARMING) or self._running > 1:
+            return None
+        self.book.set(name, ModelState.WARMING)  # not ready before either: no caller is gated anew
+        report = await self._replay(name, background=True)
+        # Marked warm only if nothing moved under it: a restart of the model server meanwhile forgot the book's
+        # entries, and the warm-up after it decides.
+        if (self.book.models.get(name) is entry and self.machine.state is State.WARM
+                and (report.complete or not self.cfg.warmup.require_complete)):
+            self.book.set(name, ModelState.WARM)
+        return report
+
+    async def _replay(self, name: str, background: bool) -> WarmupReport:
+        model_plan = next((mp for mp in self.plan.models if mp.model == name), None)
+        concurrency = self.cfg.warmup.background_concurrency if background else None
+        report = await self.replayer.run(Plan([model_plan] if model_plan else []), concurrency=concurrency)
+        self._learn(report)
+        return report
+
     def _ready_share_warm(self) -> bool:
         """ready_share 1.0 means every model (those never seen in traffic too, as before layering)."""
         share = self.cfg.warmup.ready_share
@@ -171,10 +232,7 @@ class Warmer:
         if not await self._loaded(name):
             return None
         self.book.set(name, ModelState.WARMING)
-        model_plan = next((mp for mp in self.plan.models if mp.model == name), None)
-        concurrency = self.cfg.warmup.background_concurrency if background else None
-        report = await self.replayer.run(Plan([model_plan] if model_plan else []), concurrency=concurrency)
-        self._learn(report)
+        report = await self._replay(name, background)
         if report.complete or not self.cfg.warmup.require_complete:
             self.book.set(name, ModelState.WARM)
         else:  # required and not reached: the model stays not ready, as the pod does
@@ -223,6 +281,7 @@ class Warmer:
     async def rebuild_model_plan(self, protocol: str, name: str) -> None:
         """A model loaded again on demand: its plan from what the store holds now."""
         plan = await self.planner.build(protocol)
+        self.plan_at = time.monotonic()
         fresh: ModelPlan | None = next((mp for mp in plan.models if mp.model == name), None)
         self.plan.models = [mp for mp in self.plan.models if mp.model != name] + ([fresh] if fresh else [])
 
@@ -234,7 +293,10 @@ class Warmer:
                 self.latency.observe(group.model, group.batch, group.passes[-1])
 
     def _progress(self, value: float) -> None:
-        self.machine.progress = value  # the gauge reads it from there
+        # The gauge reads it from there. A warm pod's progress is 1 (the machine set it on entering WARM): a
+        # re-warm, or models still warming behind readiness, must not show the pod as partly warm.
+        if self.machine.state is not State.WARM:
+            self.machine.progress = value
 
     def _model_progress(self, value: float) -> None:
         """The current model's own progress, as a part of the whole warm-up's."""
@@ -243,3 +305,13 @@ class Warmer:
     async def max_batch_of(self, model: str, protocol: Protocol) -> int | None:
         """The model's largest batch, from the model server's own configuration; None when unknown."""
         return (await self.catalog.info(model, protocol)).max_batch
+
+
+def own_headers(spec: str) -> tuple[Header, ...]:
+    """The header ``restricted_api`` asks of inference calls, with its value: warm-up's calls are the sidecar's
+    own, and a model server restricted alike refuses them without it."""
+    try:
+        restrictions = restrict.parse(spec)
+    except ValueError:  # refused when the configuration was loaded
+        return ()
+    return tuple((r.header, r.value) for r in restrictions if "inference" in r.apis)
