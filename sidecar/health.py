@@ -24,6 +24,7 @@ from .upstream.http import HttpUpstream
 log = logging.getLogger("sidecar.health")
 _LOG_EVERY = 60.0  # seconds between repeated warnings about the same problem
 _RETRY_MAX = 300.0  # seconds between attempts of a warm-up, at most
+_POKE_GAP = 0.1  # seconds from one check to an early one a poke asks for, at least
 
 # (upstream protocol, called once the ready share is warm) -> True: the pod may report ready
 Warmer = Callable[[str, Callable[[], None]], Awaitable[bool]]
@@ -81,9 +82,24 @@ class UpstreamMonitor:
         while self.machine.state is not State.DRAINING:
             health = await self.check()
             self.apply(health)
+            await self._pause(health)
+
+    async def _pause(self, health: Health) -> None:
+        """Wait ``health_interval`` before the next check. A poke cuts it short only while the server looks
+        ready: that is when a failure the data path saw is news. While the server is down every failing call
+        pokes, and a check per call would probe a dead server back to back. A burst of pokes costs one early
+        check, no sooner than ``_POKE_GAP`` after the last."""
+        loop = asyncio.get_running_loop()
+        interval = self.cfg.health_interval
+        checked = loop.time()
+        if health is Health.READY:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._poke.wait(), self.cfg.health_interval)
-            self._poke.clear()
+                async with asyncio.timeout(interval):
+                    await self._poke.wait()
+                    await asyncio.sleep(checked + min(interval, _POKE_GAP) - loop.time())
+        else:
+            await asyncio.sleep(interval)
+        self._poke.clear()
 
     async def stop(self) -> None:
         if self._warming is not None:
@@ -235,8 +251,10 @@ class UpstreamMonitor:
             self.machine.to(State.WARM, "the ready share of traffic is warm; other models keep warming")
 
     def _cancel_warming(self) -> None:
-        if self._warming is not None and not self._warming.done():
-            self._warming.cancel()
+        """The pod lost its warmth: a warm-up (or a re-warm replaying behind readiness) in flight stops."""
+        for task in (self._warming, self._rewarming):
+            if task is not None and not task.done():
+                task.cancel()
 
     async def _warm(self) -> None:
         """Warm up until the warmer says the pod may be ready. A warm-up that fails (or, with

@@ -784,6 +784,69 @@ async def test_a_deadline_covers_the_wait_for_a_free_connection(upstream: Upstre
         pool.close()
 
 
+async def test_a_caller_with_a_deadline_keeps_its_place_in_the_queue(upstream: Upstream) -> None:
+    """The slot a caller waited for is the one it uses: it never queues again behind later callers."""
+    hold, slow = asyncio.Event(), asyncio.Event()
+
+    async def script(peer: Peer) -> None:
+        while True:
+            req = await peer.recv()
+            await (slow if req.target == b"/slow" else hold).wait()  # /hold until released, then the rest
+            await peer.send(ok(echo(req)))
+
+    upstream.default = script
+    pool = H1Pool(upstream.url, 1, 2.0)
+    try:
+        holder = asyncio.create_task(pool.request("GET", "/hold", []))
+        await within(upstream.connected.wait())
+        first = asyncio.create_task(pool.request("GET", "/first", [],
+                                                 deadline=asyncio.get_running_loop().time() + 1.0))
+        await asyncio.sleep(0)  # queued before the next caller
+        second = asyncio.create_task(pool.request("GET", "/slow", []))  # no deadline: waits as long as it takes
+        await asyncio.sleep(0)
+        hold.set()
+        assert (await within(first, 1.5)).body == b"GET /first "
+        slow.set()
+        assert (await within(second)).body == b"GET /slow "
+        await within(holder)
+    finally:
+        pool.close()
+
+
+@pytest.fixture()
+def unanswered_port() -> Iterator[int]:
+    """A port whose accept queue is full: the kernel drops further SYNs, so connecting hangs."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE):  # fills the queue
+            yield port
+
+
+async def test_a_connect_that_hangs_ends_at_the_callers_deadline(unanswered_port: int) -> None:
+    pool = H1Pool(f"http://127.0.0.1:{unanswered_port}", 2, 30.0)
+    try:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(TimeoutError):  # the caller's deadline: a late answer (504), not an unreachable server
+            await within(pool.request("GET", "/", [], deadline=started + 0.2), 2.0)
+        assert loop.time() - started < 1.0 and pool.in_use == 0
+    finally:
+        pool.close()
+
+
+async def test_a_connect_that_hangs_ends_at_the_connect_timeout(unanswered_port: int) -> None:
+    pool = H1Pool(f"http://127.0.0.1:{unanswered_port}", 2, 0.2)
+    try:
+        loop = asyncio.get_running_loop()
+        with pytest.raises(ConnectionFailed, match="timed out"):
+            await within(pool.request("GET", "/", [], deadline=loop.time() + 30.0), 2.0)
+        assert pool.in_use == 0
+    finally:
+        pool.close()
+
+
 async def test_cancelled_caller_closes_its_connection(upstream: Upstream, pool: H1Pool) -> None:
     late = asyncio.Event()
 

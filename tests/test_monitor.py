@@ -6,11 +6,17 @@ outcome of a probe, so each rule is checked on its own.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from typing import Any
+
 from sidecar.config import UpstreamConfig
+from sidecar.errors import UpstreamUnavailable
 from sidecar.health import Health, UpstreamMonitor, available_versions, ready_versions
 from sidecar.metrics import Metrics
 from sidecar.state import State, StateMachine
 from sidecar.upstream.http import HttpUpstream
+from tests.servers import wait_until_async
 
 
 def monitor() -> tuple[UpstreamMonitor, list[str], list[str]]:
@@ -74,3 +80,67 @@ def test_version_lists_from_the_servers_own_documents() -> None:
     status = {"model_version_status": [{"version": "2", "state": "AVAILABLE"}, {"version": "1", "state": "END"}]}
     assert available_versions(status) == ["2"]
     assert available_versions({"name": "m", "ready": True}) == []
+
+
+class CountingUpstream(HttpUpstream):
+    """Probes answered from ``self.up`` without a network: counts them."""
+
+    def __init__(self, cfg: UpstreamConfig) -> None:
+        super().__init__(cfg, Metrics(), 1 << 20)
+        self.up = False
+        self.asked = 0
+
+    async def probe(self, path: str, timeout: float, method: str = "GET") -> tuple[int, Any]:
+        self.asked += 1
+        if not self.up:
+            raise UpstreamUnavailable("model server unavailable: connection refused")
+        return 200, []
+
+
+def counting_monitor(interval: float) -> tuple[UpstreamMonitor, CountingUpstream]:
+    cfg = UpstreamConfig(health_interval=interval, protocol="triton")
+    client = CountingUpstream(cfg)
+    return UpstreamMonitor(client, cfg, StateMachine(), client.metrics), client
+
+
+async def poke_for(m: UpstreamMonitor, seconds: float) -> None:
+    """Every failing call pokes: a thousand callers a second."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + seconds
+    while loop.time() < end:
+        m.poke()
+        await asyncio.sleep(0.001)
+
+
+async def test_pokes_never_make_the_monitor_probe_a_dead_server_back_to_back() -> None:
+    m, client = counting_monitor(0.2)
+    task = asyncio.create_task(m.run())
+    try:
+        await poke_for(m, 1.0)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert m.last is Health.DOWN
+    assert client.asked <= 1.0 / 0.2 + 2  # one check per interval, pokes or not
+
+
+async def test_a_poke_checks_a_ready_server_at_once_and_a_burst_checks_it_once() -> None:
+    m, client = counting_monitor(30.0)
+    client.up = True
+    task = asyncio.create_task(m.run())
+    try:
+        await wait_until_async(lambda: _true(m.last is Health.READY), 5, "ready")
+        before = client.asked
+        client.up = False  # the server died: the data path sees it first
+        await poke_for(m, 0.5)
+        await wait_until_async(lambda: _true(m.last is Health.DOWN), 5, "down after a poke")
+        assert client.asked - before <= 2  # ready: probe at once; then down, not once per poke
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def _true(value: bool) -> bool:
+    return value

@@ -12,9 +12,13 @@ Rules this module enforces for every connection:
   A fragment (``#``) in the target is refused too, as HAProxy does.
 - Requests on a connection are answered in order (pipelining); at most ``max_pipelined`` wait.
 - Time limits: the header section must arrive within ``header_timeout``; a body may not stall for
-  more than ``body_timeout``; an idle keep-alive connection is closed after ``keepalive_timeout``;
-  a client that does not read its answer for ``body_timeout`` is dropped. One sweep timer per
-  server checks every connection's deadline, so the hot path only stores a number.
+  more than ``body_timeout``, and must average ``body_min_rate`` bytes/s once ``body_min_rate_grace``
+  has passed (a body trickled a byte at a time never stalls); the whole request must arrive within
+  ``request_timeout`` when one is set; an idle keep-alive connection is closed after
+  ``keepalive_timeout``; a client that does not read its answer for ``body_timeout`` is dropped.
+  Time the server was not reading (its own backpressure, or an ``Expect: 100-continue`` client
+  waiting for the go-ahead) is not the client's. One sweep timer per server checks every
+  connection, so the hot path only stores a number.
 - At most ``max_connections`` at once: past it the oldest idle keep-alive connection is closed to
   make room, else the newcomer gets a 503 and is closed.
 - Error answers never quote request bytes.
@@ -34,6 +38,7 @@ from typing import cast
 
 import httptools
 
+from ..config import LimitsConfig
 from ..errors import ClientClosed, PayloadTooLarge, RequestTimeout
 from ..logs import where
 
@@ -62,6 +67,16 @@ class ServerLimits:
     keepalive_timeout: float = 60.0
     max_connections: int = 4096
     max_pipelined: int = 16
+    body_min_rate: int = 1024  # bytes/s; 0: no minimum
+    body_min_rate_grace: float = 10.0
+    request_timeout: float = 0.0  # 0: none
+
+    @classmethod
+    def from_config(cls, limits: LimitsConfig, max_connections: int) -> ServerLimits:
+        return cls(max_header_bytes=limits.max_header_bytes, header_timeout=limits.header_timeout,
+                   body_timeout=limits.body_timeout, keepalive_timeout=limits.keepalive_timeout,
+                   max_connections=max_connections, body_min_rate=limits.body_min_rate,
+                   body_min_rate_grace=limits.body_min_rate_grace, request_timeout=limits.request_timeout)
 
 
 class Body:
@@ -111,6 +126,7 @@ class Body:
             self._expect_continue = False
             if not self.complete:
                 self._conn.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                self._conn.start_body_clock()
 
     async def _next(self) -> bytes | None:
         while not self._chunks:
@@ -310,6 +326,11 @@ class H1Connection(asyncio.Protocol):
         self.http10 = False
         self.deadline = 0.0  # loop time after which the sweep times this connection out; 0: none
         self.idle_since = 0.0
+        # Loop time the request being received began, and its body, each moved later by the time reading was
+        # paused; 0: none (the body's: not yet the client's turn to send, as under Expect: 100-continue).
+        self.request_began = 0.0
+        self.body_began = 0.0
+        self._paused_at = 0.0
         self._reading_paused = False
         self._writing_paused: asyncio.Future[None] | None = None
         self._url = bytearray()
@@ -387,7 +408,9 @@ class H1Connection(asyncio.Protocol):
         self._headers = []
         self._header_bytes = 0
         self._in_message = True
-        self.deadline = self.server.now() + self.limits.header_timeout
+        now = self.server.now()
+        self.request_began = now
+        self.deadline = now + self.limits.header_timeout
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -411,9 +434,11 @@ class H1Connection(asyncio.Protocol):
             raise httptools.HttpParserError(self._reason)
         if target[:1] != b"/" and target != b"*":
             target = _origin_form(target)
-        body = Body(self, self._expect_continue())
+        expect_continue = self._expect_continue()
+        body = Body(self, expect_continue)
         request = Request(method, target, self._headers, version, parser.should_keep_alive(), body)
         request.arrived = self.server.now()
+        self.body_began = 0.0 if expect_continue else request.arrived
         self._frame(request)
         self._body = body
         self._in_message = False
@@ -435,6 +460,7 @@ class H1Connection(asyncio.Protocol):
             self._body.end()
             self._body = None
         self.deadline = 0.0
+        self.request_began = self.body_began = 0.0
 
     # -- serving -----------------------------------------------------------------------------------
 
@@ -488,6 +514,7 @@ class H1Connection(asyncio.Protocol):
         if not self._reading_paused and self.transport is not None and not self.closed:
             self._reading_paused = True
             self.deadline = 0.0  # waiting on us is not the client's fault
+            self._paused_at = self.server.now()
             self.transport.pause_reading()
 
     def resume_reading(self) -> None:
@@ -495,7 +522,20 @@ class H1Connection(asyncio.Protocol):
             if len(self.queue) > self.limits.max_pipelined:
                 return
             self._reading_paused = False
+            self._excuse(self.server.now() - self._paused_at)
             self.transport.resume_reading()
+
+    def start_body_clock(self) -> None:
+        """The client was told to send its body (100 Continue): from now on, its pace is its own."""
+        if self._body is not None and not self.body_began:
+            self.body_began = self.server.now()
+
+    def _excuse(self, seconds: float) -> None:
+        """Reading was paused for ``seconds``: the request's clocks stop meanwhile."""
+        if self.request_began:
+            self.request_began += seconds
+        if self.body_began:
+            self.body_began += seconds
 
     def body_wanted(self) -> None:
         """A handler waits for body bytes: the client is on the clock again."""
@@ -520,6 +560,19 @@ class H1Connection(asyncio.Protocol):
     @property
     def idle(self) -> bool:
         return self.worker is None and not self.queue and self._body is None and not self._in_message
+
+    def too_slow(self, now: float) -> bool:
+        """The request as a whole arrives too slowly: past ``request_timeout``, or its body under ``body_min_rate``
+        once the grace has passed (the minimum rate of Apache's mod_reqtimeout). Checked by the sweep, only
+        for connections receiving a request; never while the server is not reading."""
+        if self._timed_out or self._reading_paused:
+            return False
+        limits = self.limits
+        if limits.request_timeout and now > self.request_began + limits.request_timeout:
+            return True
+        body = self._body
+        return (body is not None and limits.body_min_rate > 0 and self.body_began > 0
+                and now > self.body_began + limits.body_min_rate_grace + body.received / limits.body_min_rate)
 
     def timed_out(self) -> None:
         if self.idle or self._timed_out or self._writing_paused is not None:
@@ -676,7 +729,7 @@ class H1Server:
 
     def _sweep(self) -> None:
         now = self.now()
-        for conn in [c for c in self.connections if 0 < c.deadline <= now]:
+        for conn in [c for c in self.connections if 0 < c.deadline <= now or (c.request_began and c.too_slow(now))]:
             conn.timed_out()
         assert self._loop is not None
         self._sweeper = self._loop.call_later(_SWEEP_INTERVAL, self._sweep)

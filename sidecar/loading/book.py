@@ -76,6 +76,8 @@ class ModelBook:
         if state is ModelState.UNLOADED:
             entry.began = None
         entry.state, entry.since, entry.reason = state, time.time(), reason
+        if state is not ModelState.UNLOADED and state is not ModelState.QUEUED and name in self._wanted:
+            self._wanted.remove(name)  # being loaded, warm, or failed: the want is answered
         self._wake()
 
     def ready(self, name: str) -> bool | None:
@@ -101,6 +103,10 @@ class ModelBook:
     @property
     def wanted(self) -> list[str]:
         return list(self._wanted)
+
+    def wants(self, state: ModelState) -> bool:
+        """Some model callers wait for is in ``state`` (one a loader can act on)."""
+        return any((e := self.models.get(n)) is not None and e.state is state for n in self._wanted)
 
     def next_wanted(self, pending: list[str]) -> str | None:
         for name in self._wanted:

@@ -56,7 +56,7 @@ class OnDemandLoader:
                 await self._unload_idle()
 
     def _work_waiting(self) -> bool:
-        return bool(self.book.wanted) and not self.monitor.warming
+        return not self.monitor.warming and self.book.wants(ModelState.UNLOADED)
 
     async def _unload_idle(self) -> None:
         cutoff = time.monotonic() - self.cfg.idle_unload

@@ -666,41 +666,47 @@ class H1Pool:
         head = self._head(method, target, headers, framing)
         payload = head + body if len(body) <= _JOIN_LIMIT else None
         is_head = method == "HEAD"
-        if deadline is not None and self._slots.locked():
-            async with asyncio.timeout_at(deadline):  # waiting for a free connection counts too
-                await self._slots.acquire()
-            self._slots.release()
-        async with self._slots:
-            self._in_use += 1
-            try:
-                conn = self._take_idle()
-                if conn is not None:
-                    waiter = _send(conn, is_head, max_body, payload, head, body)
-                    try:
-                        response: H1Response = await _until(waiter, deadline)
-                    except ConnectionFailed as e:
-                        conn.drop()
-                        if e.got_bytes or not e.reused:
-                            raise
-                        log.debug("upstream %s:%s closed a kept-alive connection; retrying on a new one",
-                                  self.host, self.port)
-                    except BaseException:
-                        conn.drop()  # cancelled, timed out, or too large: a late answer must reach no one
-                        raise
-                    else:
-                        self._release(conn)
-                        return response
-                conn = await self._connect()
+        await self._acquire(deadline)
+        self._in_use += 1
+        try:
+            conn = self._take_idle()
+            if conn is not None:
                 waiter = _send(conn, is_head, max_body, payload, head, body)
                 try:
-                    response = await _until(waiter, deadline)
-                except BaseException:
+                    response: H1Response = await _until(waiter, deadline)
+                except ConnectionFailed as e:
                     conn.drop()
+                    if e.got_bytes or not e.reused:
+                        raise
+                    log.debug("upstream %s:%s closed a kept-alive connection; retrying on a new one",
+                              self.host, self.port)
+                except BaseException:
+                    conn.drop()  # cancelled, timed out, or too large: a late answer must reach no one
                     raise
-                self._release(conn)
-                return response
-            finally:
-                self._in_use -= 1
+                else:
+                    self._release(conn)
+                    return response
+            conn = await self._connect(deadline)
+            waiter = _send(conn, is_head, max_body, payload, head, body)
+            try:
+                response = await _until(waiter, deadline)
+            except BaseException:
+                conn.drop()
+                raise
+            self._release(conn)
+            return response
+        finally:
+            self._in_use -= 1
+            self._slots.release()
+
+    async def _acquire(self, deadline: float | None) -> None:
+        """Take a connection slot. Waiting for one counts against the deadline: with the server frozen, every
+        slot may be held by a call waiting out its own deadline."""
+        if deadline is None or not self._slots.locked():
+            await self._slots.acquire()  # free now: taken without suspending, and without a timer
+            return
+        async with asyncio.timeout_at(deadline):
+            await self._slots.acquire()
 
     def stream(self, method: str, target: bytes | str, headers: HeaderInput,
                body: bytes | AsyncIterable[bytes] | None, *, content_length: int | None = None
@@ -788,15 +794,20 @@ class H1Pool:
 
     # connections
 
-    async def _connect(self) -> _Conn:
+    async def _connect(self, deadline: float | None = None) -> _Conn:
+        """A new connection within ``connect_timeout``; TimeoutError when ``deadline`` comes first."""
         if self._closed:
             raise ConnectionFailed("upstream pool is closed")
         loop = asyncio.get_running_loop()
         where = f"{self.host}:{self.port}"
+        limit = loop.time() + self.connect_timeout
+        caller_first = deadline is not None and deadline < limit
         try:
-            async with asyncio.timeout(self.connect_timeout):
+            async with asyncio.timeout_at(limit if deadline is None else min(limit, deadline)):
                 _, conn = await loop.create_connection(lambda: _Conn(self, loop), self.host, self.port, ssl=self.ssl)
         except TimeoutError:
+            if caller_first:
+                raise  # the caller's own deadline passed: a late answer, not an unreachable server
             raise ConnectionFailed(f"cannot connect to {where} (timed out)") from None
         except OSError as e:
             raise ConnectionFailed(f"cannot connect to {where} ({e.strerror or e})") from None
