@@ -6,6 +6,7 @@ Reading ``Sidecar.__init__`` shows the whole pipeline, in order.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import resource
 import signal
@@ -13,11 +14,13 @@ from pathlib import Path
 
 from aiohttp import web
 
+from .cache.fingerprint import Fingerprints
 from .cache.generation import Generations
 from .cache.memory import MemoryTier
 from .cache.redis import Breaker, RedisTier
 from .config import Config, split_host_port
 from .errors import ConfigError
+from .front import restrict
 from .front.admin import AdminActions, AdminFront
 from .front.budget import MemoryBudget
 from .front.decoding import RequestDecoder
@@ -35,13 +38,17 @@ from .pipeline.cache import CacheCollector, CacheStage
 from .pipeline.gate import Gate
 from .pipeline.latency import LatencyModel
 from .pipeline.recorder import Recorder
-from .pipeline.stage import Stage, chain
+from .pipeline.stage import Call, Stage, chain
+from .protocols import forwarded
+from .protocols.request import InferenceRequest, InferenceResponse
 from .state import State, StateMachine
 from .supervise import Supervisor
 from .upstream.grpc import GrpcUpstream
 from .upstream.http import HttpUpstream
 from .upstream.models import ModelCatalog
+from .upstream.restrictions import RestrictionProbe
 from .upstream.router import UpstreamRouter
+from .warmup import planner
 from .warmup.store import REDIS_SCHEMES, StoreLimits, open_store
 from .warmup.warmer import Warmer
 
@@ -49,6 +56,10 @@ log = logging.getLogger("sidecar")
 
 # File descriptors kept back from the data port's connection limit: admin port, the model server pool, files.
 _FD_RESERVE = 128
+# Seconds a call waits for the model server to say what it restricts before it goes by the cache.
+_PROBE_WAIT = 1.0
+# Seconds between looks for models the fleet shares whose answers this replica has not fingerprinted.
+_ADOPT_EVERY = 2.0
 
 
 def store_limits(cfg: Config) -> StoreLimits:
@@ -69,17 +80,26 @@ class Sidecar:
         self.metrics.watch_state([s.value for s in State], lambda: self.machine.state.value,
                                  lambda: self.machine.progress)
         self.supervisor = Supervisor(self.metrics)
-        self.upstream = HttpUpstream(cfg.upstream, self.metrics, cfg.limits.max_answer_bytes)
+        inference_key = restrict.inference_key(restrict.parse(cfg.restricted_api))
+        self.upstream = HttpUpstream(cfg.upstream, self.metrics, cfg.limits.max_answer_bytes,
+                                     [inference_key] if inference_key else [])
         limits = store_limits(cfg)
         self.store = open_store(cfg.store, limits)
-        self.recorder = Recorder(cfg.record, self.store, self.metrics, limits.capacity)
+        self.recorder = Recorder(cfg.record, self.store, self.metrics, limits.capacity,
+                                 secret_headers=planner.secret_headers(cfg))
         self.catalog = ModelCatalog(self.upstream, cfg.warmup.max_batch)
         self.latency = LatencyModel()
         self.batcher = Batcher(cfg.batch, self.catalog, self.latency, self.metrics,
                                on_batch=self.recorder.observe_batch if cfg.record.enabled else None)
         self.shared_cache = shared_tier(cfg)
+        # What the model server reads outside a call's body: forwarded headers, a restriction key (both ports).
+        self.rules = forwarded.Rules(forwarded.compile_pattern(cfg.upstream.http_header_forward_pattern),
+                                     forwarded.compile_pattern(cfg.upstream.grpc_header_forward_pattern))
+        # What each model answers (a digest of its answer to the fleet's probe request): part of the shared
+        # tier's key, so replicas share only answers of models that answer alike.
+        self.fingerprints = Fingerprints(self.shared_cache, self._ask_for_fingerprint, self._model_answers_otherwise)
         self.cache = CacheStage(cfg.cache, MemoryTier(cfg.cache.max_bytes), self.shared_cache, Generations(),
-                                self.metrics)
+                                self.metrics, sharing=self._restrictions_known, fingerprints=self.fingerprints)
         self.metrics.registry.register(CacheCollector(self.cache))
         self.metrics.registry.register(BookCollector(self.book))
         # The data path, in order. The upstream client is the terminal.
@@ -94,6 +114,10 @@ class Sidecar:
         self.grpc_upstream = GrpcUpstream(cfg.upstream, self.metrics, cfg.limits.max_body_bytes,
                                           cfg.limits.max_answer_bytes, lambda: self.monitor.protocol)
         self.router = UpstreamRouter(self.upstream, self.grpc_upstream)
+        self.restriction_probe = RestrictionProbe(self.rules, self.upstream,
+                                                  self.grpc_upstream if cfg.grpc_listen else None)
+        self._probing: asyncio.Task[None] | None = None
+        self.machine.subscribe(self._state_changed)
         self.pipeline = chain(self.stages, self.router.send)
         # Warm-up replay enters at the cache, so its answers fill it (and never comes from it); its
         # latencies per batch size teach the batcher's latency model.
@@ -112,13 +136,15 @@ class Sidecar:
                                       cfg.limits.max_body_bytes)
         self.http = HttpFront(cfg, self.upstream, self.pipeline, self.metrics, self.machine, self.decoder,
                               MemoryBudget(cfg.limits.max_inflight_bytes), on_upstream_down=self.monitor.poke,
-                              on_model_reload=self.flush_cache)
+                              on_model_reload=self.flush_cache, rules=self.rules,
+                              on_rules_changed=self._rules_changed)
         self.http.book = self.book
         self.data_port: H1Server = self.http.server(connection_limit(cfg))
         # The gRPC data port: the same pipeline, state machine and per-model load as the HTTP one.
         self.grpc = GrpcFront(cfg, self.pipeline, self.grpc_upstream, self.machine, self.metrics, self.catalog,
                               self.monitor, self.http.mesh.load, on_upstream_down=self.monitor.poke,
-                              on_model_reload=self.flush_cache, book=self.book) if cfg.grpc_listen else None
+                              on_model_reload=self.flush_cache, book=self.book, rules=self.rules,
+                              on_rules_changed=self._rules_changed) if cfg.grpc_listen else None
         self.metrics.in_flight.set_function(lambda: self.http.in_flight + (self.grpc.in_flight if self.grpc else 0))
         load = self.http.mesh.load
         self.metrics.watch_load(lambda: load.in_flight, load.rates,
@@ -143,11 +169,70 @@ class Sidecar:
 
     def _server_restarted(self) -> None:
         """Every model reloads with the server: earlier in-process answers become unreachable, and their
-        configurations are asked again."""
+        configurations (and what the server restricts) are asked again."""
         self.cache.flush()
         self.catalog.forget()
         self.batcher.forget()
         self.book.forget_all()
+        self.restriction_probe.forget()
+        self.fingerprints.forget()
+        self.cache.recheck_sharing()
+        self._state_changed(self.machine.state)
+
+    async def _restrictions_known(self) -> bool:
+        """Answers are shared once the sidecar knows whom the model server would refuse: its own restriction of
+        inference is the server's (restricted_api), or the server was asked; TF Serving restricts nothing. A
+        call may wait a moment for the question being asked (at start, and after a restart)."""
+        if self.monitor.protocol == "tfserving" or restrict.inference_key(self.http.restrictions) is not None:
+            return True
+        probing = self._probing
+        if not self.restriction_probe.known and probing is not None and not probing.done():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(probing), _PROBE_WAIT)
+        return self.restriction_probe.known
+
+    def _state_changed(self, state: State) -> None:
+        """The model server answers: ask it what it restricts, once per time it comes up."""
+        if state not in (State.LOADING, State.WARMING, State.WARM) or self.restriction_probe.known:
+            return
+        if self.monitor.protocol not in ("", "triton") or (self._probing and not self._probing.done()):
+            return
+        self._probing = asyncio.get_running_loop().create_task(self._probe_restrictions())
+
+    async def _probe_restrictions(self) -> None:
+        try:
+            if await self.restriction_probe.run():
+                self._rules_changed()
+        except Exception as e:  # asked again when the server next comes up; until then nothing is shared
+            log.warning("could not ask the model server what it restricts (%s)", type(e).__name__)
+
+    async def _ask_for_fingerprint(self, request: InferenceRequest, key: forwarded.Context) -> InferenceResponse | None:
+        """The model server's own answer to a fingerprint probe (never the cache's, never batched)."""
+        deadline = asyncio.get_running_loop().time() + self.cfg.upstream.timeout
+        call = Call(request, "fingerprint", deadline, None, origin="fingerprint")
+        call.context = key
+        reply = await self.router.send(call)
+        return reply.response() if reply.ok else None
+
+    def _model_answers_otherwise(self, model: str) -> None:
+        """A model reloaded in place answers otherwise: its in-process answers go (its shared key moved)."""
+        self.cache.generations.bump(model)
+        self.cache.memory.flush(model)
+
+    async def _verify_fingerprints(self) -> None:
+        """Background task: learn what the models the fleet shares answer here, and ask every fingerprinted
+        model again every cache.verify_interval seconds."""
+        interval = self.cfg.cache.verify_interval
+        while True:
+            await asyncio.sleep(min(interval, _ADOPT_EVERY) if interval > 0 else _ADOPT_EVERY)
+            if self.machine.state in (State.WARMING, State.WARM):
+                await self.fingerprints.adopt()
+                if interval > 0:
+                    await self.fingerprints.verify(interval)
+
+    def _rules_changed(self) -> None:
+        """A restriction key learned (or gone): answers cached without it must never be served again."""
+        self.cache.flush()
 
     async def flush_cache(self, model: str | None) -> int:
         """Admin action: forget cached answers (of one model), here and, through the epoch, fleet-wide."""
@@ -187,6 +272,8 @@ class Sidecar:
         if self.cfg.record.enabled:
             self.supervisor.spawn("recorder", self.recorder.run)
         self.supervisor.spawn("model-loader", self.loader.run)
+        if self.cfg.cache.models and (self.cfg.cache.verify_interval > 0 or self.shared_cache is not None):
+            self.supervisor.spawn("cache-fingerprints", self._verify_fingerprints)
         if self.shared_cache is not None:
             self.supervisor.spawn("cache-writer", self.shared_cache.run_writer)
             self.supervisor.spawn("cache-epochs", self._refresh_epochs)
@@ -253,7 +340,7 @@ def shared_tier(cfg: Config) -> RedisTier | None:
         return None
     breaker = Breaker(cfg.cache.redis_failures, cfg.cache.redis_cooldown)
     try:
-        return RedisTier(url, "warm-sidecar", cfg.cache.redis_timeout, breaker)
+        return RedisTier(url, f"warm-sidecar:{cfg.cache.namespace or 'default'}", cfg.cache.redis_timeout, breaker)
     except ValueError as e:
         raise ConfigError(f"config key cache.redis: unusable Redis URL ({e})") from None
 

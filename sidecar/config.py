@@ -61,6 +61,16 @@ def _restricted(v: Any) -> str | None:
     return None
 
 
+def _forward_pattern(v: Any) -> str | None:
+    from .protocols.forwarded import compile_pattern
+
+    try:
+        compile_pattern(v)
+    except ValueError as e:
+        return f"a regular expression ({e})"
+    return None
+
+
 def _key(help: str, check: Validator | None = None) -> dict[str, Any]:
     return {"help": help, "check": check}
 
@@ -100,6 +110,21 @@ class UpstreamConfig:
         default="",
         metadata=_key("model server gRPC target (HOST:PORT); empty: upstream.url's host with port 8001 (Triton) "
                       "or 8500 (TF Serving)", lambda v: None if v == "" else _host_port(v)),
+    )
+    http_header_forward_pattern: str = field(
+        default="",
+        metadata=_key("the model server's --http-header-forward-pattern, if it has one: headers it turns into model "
+                      "parameters become part of each call's identity (empty: none forwarded)", _forward_pattern),
+    )
+    grpc_header_forward_pattern: str = field(
+        default="",
+        metadata=_key("the model server's --grpc-header-forward-pattern, if it has one (see "
+                      "upstream.http_header_forward_pattern)", _forward_pattern),
+    )
+    passthrough_timeout: float = field(
+        default=0.0,
+        metadata=_key("seconds a call the sidecar only relays (model loads, metadata, calls it cannot model) may "
+                      "take when the caller set no deadline; 0: as long as the caller waits", _non_negative),
     )
 
 
@@ -144,6 +169,21 @@ class LimitsConfig:
     )
     keepalive_timeout: float = field(
         default=75.0, metadata=_key("seconds an idle keep-alive client connection stays open", _positive)
+    )
+    body_min_rate: int = field(
+        default=1024,
+        metadata=_key("bytes/s a request body must average once body_min_rate_grace has passed, else 408: a body "
+                      "trickled in never stalls for body_timeout (0: no minimum; 1 KiB/s, dial-up speed, never "
+                      "troubles a real upload; time the sidecar is not reading does not count)", _non_negative),
+    )
+    body_min_rate_grace: float = field(
+        default=10.0, metadata=_key("seconds a request body may take before body_min_rate applies", _non_negative)
+    )
+    request_timeout: float = field(
+        default=0.0,
+        metadata=_key("seconds a whole request (header section and body) may take to arrive, else 408; 0: no "
+                      "limit, as no one figure suits every body size (body_min_rate bounds a trickle already)",
+                      _non_negative),
     )
 
 
@@ -327,6 +367,19 @@ class CacheConfig:
         default="", metadata=_key("redis://, rediss:// or unix:// URL of the shared tier; empty: the traffic "
                                   "store's Redis, if it is one; 'off': no shared tier"),
     )
+    verify_interval: float = field(
+        default=60.0,
+        metadata=_key("seconds between checks that each cached model still answers as it did (a model reloaded in "
+                      "place with other answers loses its cached answers); 0: never", _non_negative),
+    )
+    namespace: str = field(
+        default="",
+        metadata=_key("who shares answers in the Redis tier: replicas with the same namespace and the same model "
+                      "configuration. Give each fleet (and each rollout of a model) its own, e.g. the Deployment's "
+                      "pod-template-hash (the shipped manifests do); empty: 'default'",
+                      lambda v: None if re.fullmatch(r"[A-Za-z0-9._-]{0,64}", v) else
+                      "letters, digits, '.', '_' or '-', at most 64"),
+    )
     redis_timeout: float = field(
         default=0.005, metadata=_key("seconds a shared-tier read may take before it counts as a miss", _positive)
     )
@@ -352,8 +405,8 @@ class BatchConfig:
     models: tuple[str, ...] = field(
         default=(),
         metadata=_key("models whose concurrent calls the sidecar batches: names, NAME=MAX (needed for TF Serving), "
-                      "* (every model with a batch dimension), or auto (Triton models with max_batch_size > 0 and "
-                      "no batching of their own)", _batch_models),
+                      "* (every model with a batch dimension), or auto (Triton models with max_batch_size > 0, "
+                      "fixed output shapes and no batching of their own)", _batch_models),
     )
     max_concurrent: int = field(
         default=0,
@@ -405,11 +458,23 @@ class Config:
     )
     restricted_api: str = field(
         default="",
-        metadata=_key("APIs of the data port that need a header, as Triton's --http-restricted-api: "
-                      "API[,API...]:HEADER=VALUE, several separated by ';'", _restricted),
+        metadata=_key("APIs of the data ports that need a header, as Triton's --http-restricted-api: "
+                      "API[,API...]:HEADER=VALUE, several separated by ';'. The gRPC port applies the same "
+                      "(metadata triton-grpc-protocol-HEADER, as Triton's --grpc-restricted-protocol) unless "
+                      "grpc_restricted_protocol says otherwise", _restricted),
+    )
+    grpc_restricted_protocol: str = field(
+        default="",
+        metadata=_key("the gRPC port's own restrictions, as Triton's --grpc-restricted-protocol: "
+                      "API[,API...]:KEY=VALUE (metadata triton-grpc-protocol-KEY); empty: those of restricted_api",
+                      _restricted),
     )
     log_level: str = field(
         default="info", metadata=_key("debug, info, warning or error", _one_of("debug", "info", "warning", "error"))
+    )
+    log_format: str = field(
+        default="text", metadata=_key("text, or json: one JSON object per line (time, level, logger, message, "
+                                      "request_id where there is one) for log pipelines", _one_of("text", "json"))
     )
     store: str = field(
         default="/tmp/warm-sidecar/traffic.db",
@@ -588,7 +653,7 @@ def render_yaml(cfg: Config) -> str:
     return text
 
 
-SECRET_KEYS = frozenset({"restricted_api", "admin_token"})
+SECRET_KEYS = frozenset({"restricted_api", "grpc_restricted_protocol", "admin_token"})
 _URL_CREDENTIALS = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<userinfo>[^@/]*)@", re.IGNORECASE)
 
 
@@ -596,7 +661,7 @@ def mask(path: str, value: Any) -> Any:
     """A value as it may be shown: passwords in URLs and secret settings replaced by ``***``."""
     if not isinstance(value, str) or not value:
         return value
-    if path == "restricted_api":
+    if path in ("restricted_api", "grpc_restricted_protocol"):
         return re.sub(r"=[^;]*", "=***", value)
     if path in SECRET_KEYS:
         return "***"

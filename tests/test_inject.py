@@ -158,6 +158,19 @@ def test_triton_deployment_gets_a_native_sidecar() -> None:
     load(None, env, None)  # the sidecar would start with these settings
 
 
+def test_the_model_servers_forwarded_headers_and_the_fleet_namespace_reach_the_sidecar() -> None:
+    """Headers Triton turns into model parameters become part of each call's identity in the sidecar; pods of
+    one ReplicaSet share cached answers, a rollout does not."""
+    flags = '"--http-header-forward-pattern=^x-tenant", "--grpc-header-forward-pattern", "x-user-.*", '
+    (d,) = injected(TRITON.replace('"--model-repository=/models", ', '"--model-repository=/models", ' + flags))
+    (sidecar,) = pod_spec(d)["initContainers"]
+    env = env_of(sidecar)
+    assert env["SIDECAR_UPSTREAM_HTTP_HEADER_FORWARD_PATTERN"] == "^x-tenant"
+    assert env["SIDECAR_UPSTREAM_GRPC_HEADER_FORWARD_PATTERN"] == "x-user-.*"
+    namespace = next(e for e in sidecar["env"] if e["name"] == "SIDECAR_CACHE_NAMESPACE")
+    assert namespace["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.labels['pod-template-hash']"}}
+
+
 def test_named_ports_move_to_the_sidecar() -> None:
     objs = injected(SERVICE + "---\n" + TRITON)
     service, deployment = objs

@@ -204,6 +204,43 @@ class RedisTier:
         else:
             self.epochs[model] = epoch
 
+    async def agree(self, name: str, candidate: bytes, ttl: float) -> bytes | None:
+        """The fleet's one value under ``name`` (this replica's ``candidate`` when it is the first to say),
+        or None when Redis cannot tell now."""
+        key = f"{self.namespace}:fp:".encode() + name.encode()
+        if not self.breaker.allow():
+            return None
+        try:
+            async with asyncio.timeout(max(self.timeout * 20, 0.2)):
+                await self.client.set(key, candidate, nx=True, px=max(1, int(ttl * 1000)))
+                value = await self.client.get(key)
+        except (TimeoutError, RedisError, OSError):
+            self._failed("fingerprint")
+            return None
+        self.breaker.success()
+        return value if isinstance(value, bytes) else None
+
+    async def agreed(self, limit: int = 256) -> dict[str, bytes]:
+        """Every name the fleet agreed on a value for (at most ``limit``): {name: value}; {} when Redis cannot
+        tell now."""
+        prefix = f"{self.namespace}:fp:".encode()
+        if not self.breaker.allow():
+            return {}
+        try:
+            async with asyncio.timeout(max(self.timeout * 100, 1.0)):
+                keys = []
+                async for key in self.client.scan_iter(match=prefix + b"*", count=100):
+                    keys.append(key)
+                    if len(keys) >= limit:
+                        break
+                values = await self.client.mget(keys) if keys else []
+        except (TimeoutError, RedisError, OSError):
+            self._failed("fingerprint")
+            return {}
+        self.breaker.success()
+        return {k[len(prefix):].decode(errors="replace"): v for k, v in zip(keys, values, strict=True)
+                if isinstance(v, bytes)}
+
     def _epoch_key(self, model: str | None) -> bytes:
         # ":E" cannot collide with a model's ":e:<name>".
         return f"{self.namespace}:E".encode() if model is None else f"{self.namespace}:e:".encode() + model.encode()

@@ -54,6 +54,10 @@ def sidecar_config(s: PodSettings, server: ModelServer) -> dict[str, str]:
     }
     if server.models:
         config["upstream.models"] = ",".join(server.models)
+    if server.http_forward:
+        config["upstream.http_header_forward_pattern"] = server.http_forward
+    if server.grpc_forward:
+        config["upstream.grpc_header_forward_pattern"] = server.grpc_forward
     config["store"] = store_of(s)
     if s.admin_token_secret:  # the restriction's key is the admin token, so only with one
         config["restricted_api"] = RESTRICTED_APIS
@@ -105,7 +109,13 @@ def _env(s: PodSettings, server: ModelServer) -> list[Obj]:
     if s.admin_token_secret:  # first: later values may refer to it as $(SIDECAR_ADMIN_TOKEN)
         ref = {"name": s.admin_token_secret, "key": "token"}
         env.append({"name": ADMIN_TOKEN_ENV, "valueFrom": {"secretKeyRef": ref}})
-    return env + [{"name": env_name(k), "value": v} for k, v in sidecar_config(s, server).items()]
+    env += [{"name": env_name(k), "value": v} for k, v in sidecar_config(s, server).items()]
+    if "cache.namespace" not in s.config:
+        # Pods of one ReplicaSet share cached answers; a rollout (a new template, new model files or
+        # flags) starts a namespace of its own. Empty outside a Deployment: the default namespace.
+        field = {"fieldPath": "metadata.labels['pod-template-hash']"}
+        env.append({"name": env_name("cache.namespace"), "valueFrom": {"fieldRef": field}})
+    return env
 
 
 def sidecar_container(s: PodSettings, server: ModelServer, http_name: str, grpc_name: str) -> Obj:

@@ -25,6 +25,10 @@ class ModelServer:
     http_port: int
     grpc_port: int
     models: tuple[str, ...] = ()  # TF Serving: the models readiness waits for
+    # Triton's --http-header-forward-pattern / --grpc-header-forward-pattern: the headers its models see
+    # become part of each call's identity in the sidecar.
+    http_forward: str = ""
+    grpc_forward: str = ""
 
 
 def _words(container: Obj) -> list[str]:
@@ -104,7 +108,8 @@ def find_model_server(containers: Sequence[Obj], s: PodSettings) -> ModelServer 
         http_port = s.http_port or _port_from_args(words, http_flag, http_default)
         grpc_port = s.grpc_port or _port_from_args(words, grpc_flag, grpc_default)
         models = _tfserving_models(container, words) if protocol == TFSERVING else ()
-        return ModelServer(index, protocol, http_port, grpc_port, models)
+        forwards = [_flag(words, f"{kind}-header-forward-pattern") or "" for kind in ("http", "grpc")]
+        return ModelServer(index, protocol, http_port, grpc_port, models, *forwards)
     if s.container is not None:
         raise InjectError(f"container {s.container!r}: not Triton or TF Serving; set warm-sidecar.io/protocol")
     return None

@@ -118,6 +118,8 @@ ANNOTATIONS = (
                "a redis:// URL", "store"),
     Annotation("cache-models", "models whose responses are cached (names or `*`)", "cache.models"),
     Annotation("cache-redis", "Redis URL of the fleet-wide cache tier", "cache.redis"),
+    Annotation("cache-namespace", "who shares cached answers in Redis (default: the pod's pod-template-hash, "
+               "so a rollout never serves its predecessor's answers)", "cache.namespace"),
     Annotation("batch-models", "models whose calls the sidecar batches (names, `*` or `auto`)", "batch.models"),
     Annotation("gate-policy", "inference while not warm: `forward`, `hold` or `reject`", "gate.policy",
                _one_of("forward", "hold", "reject")),

@@ -23,6 +23,7 @@ from ..loading.book import ModelBook
 from ..mesh.load import LoadTracker
 from ..metrics import Metrics
 from ..pipeline.stage import Next
+from ..protocols import forwarded
 from ..state import StateMachine
 from ..upstream.grpc import GrpcUpstream
 from ..upstream.models import ModelCatalog
@@ -41,9 +42,10 @@ class GrpcFront:
                  catalog: ModelCatalog, monitor: UpstreamMonitor, load: LoadTracker,
                  on_upstream_down: Callable[[], None] | None = None,
                  on_model_reload: Callable[[str], Coroutine[Any, Any, object]] | None = None,
-                 book: ModelBook | None = None) -> None:
+                 book: ModelBook | None = None, rules: forwarded.Rules | None = None,
+                 on_rules_changed: Callable[[], None] | None = None) -> None:
         self.cfg = cfg
-        self.edge = Edge(cfg, pipeline, upstream, machine, metrics, load, on_upstream_down)
+        self.edge = Edge(cfg, pipeline, upstream, machine, metrics, load, on_upstream_down, rules, on_rules_changed)
         # Per-model readiness (the model book) for ModelReady and the health service's model names.
         self.health = HealthService(machine, monitor, metrics, cfg.upstream.models, book)
         self.kserve = KServeService(self.edge, catalog, metrics, on_model_reload)

@@ -24,14 +24,17 @@ from typing import Any, TypeAlias
 import grpc
 import grpc.aio
 
+from .. import logs
 from ..config import Config
 from ..errors import DecodeError, SidecarError, UpstreamUnavailable
 from ..mesh.load import LoadTracker
 from ..metrics import Metrics
 from ..pipeline.stage import Call, GrpcAnswer, GrpcWire, Next, Reply
+from ..protocols import forwarded
 from ..protocols.request import InferenceRequest, InferenceResponse
 from ..state import StateMachine
 from ..upstream.grpc import HTTP_STATUS, GrpcUpstream, Metadata
+from . import restrict
 
 log = logging.getLogger("sidecar.grpc")
 
@@ -51,8 +54,8 @@ def hop_specific(key: str) -> bool:
 class Rpc:
     """One gRPC call at the edge."""
 
-    __slots__ = ("cache", "caller_timeout", "deadline", "label", "metadata", "model", "private", "request_id",
-                 "scope", "sent", "started", "status", "timeout")
+    __slots__ = ("cache", "caller_timeout", "deadline", "label", "metadata", "model", "private", "received",
+                 "request_id", "scope", "sent", "started", "status", "timeout")
 
     def __init__(self, context: Context, label: str, default_timeout: float, scope_key: str,
                  new_id: Callable[[], str]) -> None:
@@ -66,7 +69,8 @@ class Rpc:
         request_id = ""
         self.private = False
         self.scope = b""
-        for key, value in context.invocation_metadata() or ():
+        self.received: Metadata = tuple(context.invocation_metadata() or ())
+        for key, value in self.received:
             if key == REQUEST_ID:
                 request_id = value if isinstance(value, str) else value.decode("latin-1")
             elif not hop_specific(key):
@@ -76,6 +80,7 @@ class Rpc:
                 if key == scope_key:
                     self.scope = value.encode() if isinstance(value, str) else value
         self.request_id = request_id or new_id()
+        logs.REQUEST_ID.set(self.request_id)  # each RPC runs in a task of its own: the id ends with it
         forwarded.append((REQUEST_ID, self.request_id))
         self.metadata: Metadata = tuple(forwarded)
         remaining = context.time_remaining()
@@ -87,8 +92,14 @@ class Rpc:
 
 class Edge:
     def __init__(self, cfg: Config, pipeline: Next, upstream: GrpcUpstream, machine: StateMachine,
-                 metrics: Metrics, load: LoadTracker, on_upstream_down: Callable[[], None] | None = None) -> None:
+                 metrics: Metrics, load: LoadTracker, on_upstream_down: Callable[[], None] | None = None,
+                 rules: forwarded.Rules | None = None, on_rules_changed: Callable[[], None] | None = None) -> None:
         self.cfg = cfg
+        # Triton's --grpc-restricted-protocol, as configured (or as restricted_api says): the same APIs as
+        # on the HTTP port stay closed here.
+        self.restrictions = restrict.parse_grpc(cfg.grpc_restricted_protocol or cfg.restricted_api)
+        self.rules = rules or forwarded.Rules()
+        self.on_rules_changed = on_rules_changed
         self.pipeline = pipeline
         self.upstream = upstream
         self.machine = machine
@@ -112,12 +123,14 @@ class Edge:
     # -- method handlers ---------------------------------------------------------------------------------
 
     def unary(self, label: str, handle: Callable[[Any, Context, Rpc], Awaitable[bytes]],
-              client_streaming: bool = False) -> grpc.RpcMethodHandler:
-        """A handler with one response (``client_streaming``: the request is the caller's message iterator)."""
+              client_streaming: bool = False, method: str = "") -> grpc.RpcMethodHandler:
+        """A handler with one response (``client_streaming``: the request is the caller's message iterator);
+        ``method`` (its bare name) decides which restriction applies."""
         async def run(message: Any, context: Context) -> bytes:
             rpc = self.rpc(context, label)
             self.in_flight += 1
             try:
+                await self.check_allowed(context, rpc, method)
                 return await handle(message, context, rpc)
             except SidecarError as err:
                 await self.fail(context, rpc, err)
@@ -130,13 +143,14 @@ class Edge:
             return grpc.stream_unary_rpc_method_handler(run)
         return grpc.unary_unary_rpc_method_handler(run)
 
-    def streaming(self, label: str, client_streaming: bool,
-                  handle: Callable[[Any, Context, Rpc], AsyncIterator[bytes]]) -> grpc.RpcMethodHandler:
+    def streaming(self, label: str, client_streaming: bool, handle: Callable[[Any, Context, Rpc], AsyncIterator[bytes]],
+                  method: str = "") -> grpc.RpcMethodHandler:
         """A server-streaming (or bidirectional, with ``client_streaming``) handler."""
         async def run(request: Any, context: Context) -> AsyncIterator[bytes]:
             rpc = self.rpc(context, label)
             self.in_flight += 1
             try:
+                await self.check_allowed(context, rpc, method)
                 async for response in handle(request, context, rpc):
                     yield response
                 rpc.status = rpc.status or 200
@@ -149,6 +163,14 @@ class Edge:
         if client_streaming:
             return grpc.stream_stream_rpc_method_handler(run)
         return grpc.unary_stream_rpc_method_handler(run)
+
+    async def check_allowed(self, context: Context, rpc: Rpc, method: str) -> None:
+        """Triton's own refusal of a restricted method called without its key: UNAVAILABLE, naming the key."""
+        refused = restrict.grpc_refusal(self.restrictions, method, rpc.received)
+        if refused is not None:
+            rpc.status = 403
+            await self.send_metadata(context, rpc)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, refused)
 
     async def fail(self, context: Context, rpc: Rpc, err: SidecarError) -> None:
         """The sidecar's own error as a gRPC status: its code, its message, Retry-After when it has one."""
@@ -190,6 +212,8 @@ class Edge:
         call = Call(request, rpc.request_id, rpc.deadline, GrpcWire(method, message, rpc.metadata), modelled,
                     rpc.label, "grpc")
         call.private, call.scope = rpc.private, rpc.scope
+        if self.rules.active:
+            call.context = self.rules.grpc_context(rpc.metadata)  # as the server will read them
         return call
 
     async def infer(self, call: Call, encode: Encoder) -> tuple[GrpcAnswer, str]:
@@ -207,6 +231,8 @@ class Edge:
         if raw is None and not reply.ok:
             raw = reply.wire  # an error answer shared with this caller (same call)
         if isinstance(raw, GrpcAnswer):
+            if raw.code == "UNAVAILABLE" and self.rules.learn_grpc(raw.details) and self.on_rules_changed is not None:
+                self.on_rules_changed()  # the server restricts inference by a key the sidecar did not know of
             return raw
         if reply.ok:
             try:
@@ -227,7 +253,11 @@ class Edge:
         return await self.answer(context, rpc, await self.fetch(method, message, rpc))
 
     async def fetch(self, method: str, message: bytes, rpc: Rpc) -> GrpcAnswer:
-        call = self.upstream.unary(method)(message, timeout=rpc.timeout, metadata=rpc.metadata)
+        # Relayed calls (model loads among them) are bounded by the caller's deadline, else by
+        # upstream.passthrough_timeout only: the server would finish a slow load for a caller that waits.
+        timeout = rpc.caller_timeout if rpc.caller_timeout is not None else (
+            self.cfg.upstream.passthrough_timeout or None)
+        call = self.upstream.unary(method)(message, timeout=timeout, metadata=rpc.metadata)
         try:
             response = await call
             initial, trailing = await call.initial_metadata(), await call.trailing_metadata()

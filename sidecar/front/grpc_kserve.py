@@ -56,9 +56,9 @@ class KServeService:
         for m in service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods:
             label = method_label(m.name)
             if m.name == "ModelStreamInfer":
-                out[m.name] = self.edge.streaming(label, True, self.stream_infer)
+                out[m.name] = self.edge.streaming(label, True, self.stream_infer, method=m.name)
             elif m.name in special:
-                out[m.name] = self.edge.unary(label, special[m.name])
+                out[m.name] = self.edge.unary(label, special[m.name], method=m.name)
             else:
                 out[m.name] = relay_handler(self.edge, f"/{SERVICE}/{m.name}", label, m.client_streaming,
                                             m.server_streaming)
@@ -126,6 +126,7 @@ class KServeService:
 def relay_handler(edge: Edge, method: str, label: str, client_streaming: bool,
                   server_streaming: bool) -> grpc.RpcMethodHandler:
     """A pass-through handler of the method's own kind (read from the service descriptor)."""
+    name = method.rsplit("/", 1)[-1]
     if not server_streaming:
         kind = "stream_unary" if client_streaming else ""
 
@@ -136,13 +137,13 @@ def relay_handler(edge: Edge, method: str, label: str, client_streaming: bool,
                 return response
             raise AssertionError("a client-streaming call ends with one response")
 
-        return edge.unary(label, one, client_streaming)
+        return edge.unary(label, one, client_streaming, method=name)
     kind = "stream_stream" if client_streaming else "unary_stream"
 
     def many(request: Any, context: Context, rpc: Rpc) -> AsyncIterator[bytes]:
         return edge.relay_stream(method, kind, request, context, rpc)
 
-    return edge.streaming(label, client_streaming, many)
+    return edge.streaming(label, client_streaming, many, method=name)
 
 
 def _model_name(method: str, message: bytes) -> str:

@@ -1,11 +1,20 @@
 """``ModelStreamInfer``: one bidirectional stream, each request answered as it completes.
 
-A request for a model that is not decoupled runs through the stage pipeline like a unary ModelInfer
-(so it is cached, batched and recorded like any other call); its answer or error goes back as a
-``ModelStreamInferResponse`` (``infer_response``, or ``error_message`` as Triton writes errors).
-Requests for decoupled models (0..n responses each, as the model decides) and for models whose
-configuration is unknown go, untouched and in order, to one upstream stream opened on first need, and
-every response it produces comes back as it arrives. The caller leaving cancels everything it started.
+The server reads a stream's requests in the order they come, and a sequence (stateful) model depends
+on that order. So the reader decides each request's way in arrival order:
+
+- a request the codec models, for a model that is neither decoupled nor a sequence model, and that
+  carries no sequence parameters, runs through the stage pipeline like a unary ModelInfer (cached,
+  batched, recorded like any other call) - its answer goes back as a ``ModelStreamInferResponse``
+  (``infer_response``, or ``error_message`` as Triton writes errors) whenever it completes: such calls
+  are independent of each other, as the server treats them;
+- every other request (decoupled models: 0..n responses each; sequence calls; models whose
+  configuration is unknown; requests the codec does not model, whose sequence parameters it cannot
+  see) goes untouched to one upstream stream opened on first need, in arrival order, and every
+  response it produces comes back as it arrives.
+
+A request whose shape would crash the server is answered with an error here and never sent. The caller
+leaving cancels everything it started.
 """
 
 from __future__ import annotations
@@ -17,9 +26,10 @@ from typing import TYPE_CHECKING, Any
 
 import grpc.aio
 
+from ..cache.keys import is_stateful
 from ..errors import SidecarError
 from ..logs import where
-from ..pipeline.stage import GrpcAnswer
+from ..pipeline.stage import Call, GrpcAnswer
 from ..protocols import kserve_grpc
 from ..protocols.protowire import length_field
 from ..protocols.request import Protocol
@@ -74,9 +84,11 @@ class StreamSession:
         try:
             loop = asyncio.get_running_loop()
             async for message in requests:
-                task = loop.create_task(self._one(message))
-                self.tasks.add(task)
-                task.add_done_callback(self.tasks.discard)
+                call = await self._route(message)  # in arrival order: upstream-bound requests keep it
+                if call is not None:
+                    task = loop.create_task(self._one(call))
+                    self.tasks.add(task)
+                    task.add_done_callback(self.tasks.discard)
             if self.tasks:
                 await asyncio.wait(set(self.tasks))
             if self.to_upstream is not None and self.upstream_reader is not None:
@@ -87,18 +99,28 @@ class StreamSession:
             return
         self.out.put_nowait(None)
 
-    async def _one(self, message: bytes) -> None:
-        model, request_id = kserve_grpc.peek(message)
+    async def _route(self, message: bytes) -> Call | None:
+        """The call to run through the stages, or None when the request went to the upstream stream (or was
+        answered here)."""
+        _model, request_id = kserve_grpc.peek(message)
         try:
-            info = await self.service.catalog.info(model, Protocol.KSERVE_GRPC)
-            if info.decoupled or info.max_batch is None:
-                self._send_upstream(message)
-                return
             request, modelled = self.service.decode(message)
-            rpc = self.rpc
-            call = self.edge.call(rpc, request, modelled, kserve_grpc.MODEL_INFER, message)
-            if rpc.caller_timeout is None:  # each request of a long stream gets upstream.timeout of its own
-                call.deadline = asyncio.get_running_loop().time() + self.edge.cfg.upstream.timeout
+            info = await self.service.catalog.info(request.model, Protocol.KSERVE_GRPC)
+        except SidecarError as e:  # a shape that would crash the server: answered here, never sent
+            self.out.put_nowait(stream_error(e.message, request_id))
+            return None
+        if not modelled or info.decoupled or info.max_batch is None or info.sequence_batching or is_stateful(request):
+            # A sequence model's calls (sequence_batching) depend on the order they reach it.
+            self._send_upstream(message)
+            return None
+        call = self.edge.call(self.rpc, request, modelled, kserve_grpc.MODEL_INFER, message)
+        if self.rpc.caller_timeout is None:  # each request of a long stream gets upstream.timeout of its own
+            call.deadline = asyncio.get_running_loop().time() + self.edge.cfg.upstream.timeout
+        return call
+
+    async def _one(self, call: Call) -> None:
+        request_id = call.request.id
+        try:
             answer, _cache = await self.edge.infer(call, kserve_grpc.encode_response)
         except SidecarError as e:
             self.out.put_nowait(stream_error(e.message, request_id))

@@ -37,9 +37,9 @@ class TfServingService:
             for m in module.DESCRIPTOR.services_by_name[name].methods:
                 label = _LABELS.get(m.name, "other")
                 if m.name == "Predict":
-                    methods[m.name] = self.edge.unary(label, self.predict)
+                    methods[m.name] = self.edge.unary(label, self.predict, method=m.name)
                 elif m.name == "GetModelStatus":
-                    methods[m.name] = self.edge.unary(label, self.model_status)
+                    methods[m.name] = self.edge.unary(label, self.model_status, method=m.name)
                 else:
                     methods[m.name] = relay_handler(self.edge, f"/{service}/{m.name}", label, m.client_streaming,
                                                     m.server_streaming)

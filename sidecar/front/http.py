@@ -17,6 +17,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
+from .. import logs
 from ..config import Config
 from ..errors import (
     ClientClosed,
@@ -31,7 +32,7 @@ from ..loading.book import ModelBook
 from ..mesh.envoy import ORCA_FORMAT, DataPortSignals
 from ..metrics import Metrics
 from ..pipeline.stage import Call, HttpAnswer, HttpWire, Next, Reply
-from ..protocols import dispatch, tfserving_rest
+from ..protocols import dispatch, forwarded, tfserving_rest
 from ..protocols.request import InferenceRequest
 from ..state import State, StateMachine
 from ..upstream.http import HttpUpstream
@@ -69,7 +70,8 @@ class HttpFront:
     def __init__(self, cfg: Config, upstream: HttpUpstream, pipeline: Next, metrics: Metrics,
                  machine: StateMachine, decoder: RequestDecoder, budget: MemoryBudget,
                  on_upstream_down: Callable[[], None] | None = None,
-                 on_model_reload: Callable[[str], Coroutine[Any, Any, object]] | None = None) -> None:
+                 on_model_reload: Callable[[str], Coroutine[Any, Any, object]] | None = None,
+                 rules: forwarded.Rules | None = None, on_rules_changed: Callable[[], None] | None = None) -> None:
         self.cfg = cfg
         self.upstream = upstream
         self.on_model_reload = on_model_reload
@@ -83,6 +85,9 @@ class HttpFront:
         self.budget = budget
         self.on_upstream_down = on_upstream_down
         self.restrictions = restrict.parse(cfg.restricted_api)
+        # What the model server turns into model parameters or checks as a key (shared with the gRPC port).
+        self.rules = rules or forwarded.Rules()
+        self.on_rules_changed = on_rules_changed
         self.in_flight = 0
         # Envoy's answer headers, and per-model load for ORCA reports and the autoscaler gauges.
         self.mesh = DataPortSignals(cfg.mesh, machine)
@@ -94,12 +99,8 @@ class HttpFront:
         return f"<HttpFront in_flight={self.in_flight} {self.budget!r}>"
 
     def server(self, max_connections: int) -> H1Server:
-        limits = self.cfg.limits
-        return H1Server(self.handle, ServerLimits(
-            max_header_bytes=limits.max_header_bytes, header_timeout=limits.header_timeout,
-            body_timeout=limits.body_timeout, keepalive_timeout=limits.keepalive_timeout,
-            max_connections=max_connections,
-        ), on_event=self.metrics.count_http_event)
+        return H1Server(self.handle, ServerLimits.from_config(self.cfg.limits, max_connections),
+                        on_event=self.metrics.count_http_event)
 
     # -- one request ---------------------------------------------------------------------------------
 
@@ -107,6 +108,7 @@ class HttpFront:
         started = time.perf_counter()
         given_id = req.header(REQUEST_ID)
         request_id = given_id.decode("latin-1") if given_id else self._new_id()
+        id_token = logs.REQUEST_ID.set(request_id)  # log lines of this call say which call
         route = dispatch.match(req.path) if req.method == "POST" else None
         label = route.method if route else dispatch.route_label(req.path)
         model = route.model if route else ""
@@ -127,6 +129,7 @@ class HttpFront:
         except SidecarError as err:
             status = self._fail(out, request_id, err, label)
         finally:
+            logs.REQUEST_ID.reset(id_token)  # a keep-alive connection serves its next call in this same task
             self.in_flight -= 1
             if route is not None:
                 self.mesh.load.end(model)
@@ -151,7 +154,8 @@ class HttpFront:
     def _check_allowed(self, req: Request) -> None:
         if req.method in _METHODS_REFUSED:
             raise _MethodNotAllowed("Method Not Allowed")
-        refused = restrict.refusal(self.restrictions, req.path, req.header)
+        # The first value counts, as in Triton (evhtp_kv_find): a second one must not get a caller through.
+        refused = restrict.refusal(self.restrictions, req.path, lambda name: next(iter(req.header_values(name)), None))
         if refused is not None:
             raise Forbidden(refused.decode())
 
@@ -194,7 +198,7 @@ class HttpFront:
         memo = None
         try:
             memo = await self.decoder.decode(route, body, req.header_values(dispatch.HEADER_LENGTH),
-                                             req.header(b"content-encoding"))
+                                             req.header_values(b"content-encoding"))
             canonical = memo.request
         except DecodeError:
             # Valid or not, the model server answers it as it always does; the sidecar only stays out of the way.
@@ -206,6 +210,8 @@ class HttpFront:
         deadline = req.arrived + self.cfg.upstream.timeout
         call = Call(canonical, request_id, deadline, wire, modelled, route.method, "http")
         call.memo = memo
+        if self.rules.active:
+            call.context = self.rules.http_context(wire.headers)  # as the server will read them
         directives = req.header(b"cache-control")
         if directives is not None:
             tokens = {t.split(b"=")[0].strip().lower() for t in directives.split(b",")}
@@ -232,6 +238,8 @@ class HttpFront:
             reply = await self.upstream.send(call)
             raw = reply.raw_for(call)
             assert isinstance(raw, HttpAnswer)
+        if raw.status == 403 and self.rules.learn_http(raw.body) and self.on_rules_changed is not None:
+            self.on_rules_changed()  # the server restricts inference by a key the sidecar did not know of
         headers = [h for h in raw.headers if h[0].lower() != REQUEST_ID]
         return self._send(out, request_id, raw.status, headers, raw.body, raw.reason, reply.cache)
 

@@ -1,17 +1,21 @@
-"""Restricted APIs on the data port, as Triton's ``--http-restricted-api`` does it.
+"""Restricted APIs on both data ports, as Triton's ``--http-restricted-api`` and
+``--grpc-restricted-protocol`` do it.
 
 The sidecar is the pod's public face, so it offers the same protection in front of the model
-server: a category of API answers only calls that carry a given header with a given value.
-Specification (config key ``restricted_api``): ``API[,API...]:HEADER=VALUE``, several separated by
-``;``. APIs: health, metadata, inference, shared-memory, model-config, model-repository,
-statistics, trace, logging. A refused call gets exactly Triton's answer.
+server, on every port: a category of API answers only calls that carry a given header with a given
+value. Specification (config keys ``restricted_api``, ``grpc_restricted_protocol``):
+``API[,API...]:HEADER=VALUE``, several separated by ``;``. APIs: health, metadata, inference,
+shared-memory, model-config, model-repository, statistics, trace, logging. A refused call gets
+exactly Triton's answer: HTTP 403 ``{"error":"This API is restricted, expecting header 'H'"}`` (the
+header name case-insensitive, the first one counts); gRPC status UNAVAILABLE "This protocol is
+restricted, expecting header 'triton-grpc-protocol-H'" (metadata keys are lower case).
 """
 
 from __future__ import annotations
 
 import hmac
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 API_NAMES = ("health", "metadata", "inference", "shared-memory", "model-config", "model-repository",
@@ -33,6 +37,28 @@ _CATEGORIES: list[tuple[re.Pattern[str], str]] = [
 ]
 
 
+# Triton's gRPC methods per category (grpc_server.cc); TF Serving's, by the same meaning.
+_GRPC_CATEGORIES: dict[str, str] = {
+    "ServerLive": "health", "ServerReady": "health", "ModelReady": "health", "Check": "health", "Watch": "health",
+    "List": "health", "ServerMetadata": "metadata", "ModelMetadata": "metadata", "ModelConfig": "model-config",
+    "SystemSharedMemoryStatus": "shared-memory", "SystemSharedMemoryRegister": "shared-memory",
+    "SystemSharedMemoryUnregister": "shared-memory", "CudaSharedMemoryStatus": "shared-memory",
+    "CudaSharedMemoryRegister": "shared-memory", "CudaSharedMemoryUnregister": "shared-memory",
+    "RepositoryIndex": "model-repository", "RepositoryModelLoad": "model-repository",
+    "RepositoryModelUnload": "model-repository", "ModelStatistics": "statistics", "TraceSetting": "trace",
+    "LogSettings": "logging", "ModelInfer": "inference", "ModelStreamInfer": "inference",
+    # TF Serving
+    "Predict": "inference", "Classify": "inference", "Regress": "inference", "MultiInference": "inference",
+    "GetModelMetadata": "metadata", "GetModelStatus": "metadata", "HandleReloadConfigRequest": "model-repository",
+}
+GRPC_KEY_PREFIX = b"triton-grpc-protocol-"
+
+
+def grpc_category(method: str) -> str | None:
+    """The API category of a gRPC method (its bare name, e.g. "ModelInfer")."""
+    return _GRPC_CATEGORIES.get(method)
+
+
 def category(path: str) -> str | None:
     """The API category of a raw request path, or None (an unknown path belongs to none)."""
     for pattern, name in _CATEGORIES:
@@ -46,6 +72,11 @@ class Restriction:
     apis: frozenset[str]
     header: bytes  # lower case
     value: bytes
+
+
+def parse_grpc(spec: str) -> list[Restriction]:
+    """The gRPC port's restrictions: the same spec, each key read as Triton's gRPC front reads it."""
+    return [Restriction(r.apis, GRPC_KEY_PREFIX + r.header, r.value) for r in parse(spec)]
 
 
 def parse(spec: str) -> list[Restriction]:
@@ -81,3 +112,25 @@ def refusal(restrictions: list[Restriction], path: str, header_value: Callable[[
                 return b"{\"error\":\"This API is restricted, expecting header '%s'\"}" % r.header
             return None
     return None
+
+
+def grpc_refusal(restrictions: list[Restriction], method: str,
+                 metadata: Iterable[tuple[str, str | bytes]]) -> str | None:
+    """Triton's UNAVAILABLE message when a gRPC call lacks its category's key, else None."""
+    if not restrictions:
+        return None
+    api = grpc_category(method)
+    for r in restrictions:
+        if api in r.apis:
+            key = r.header.decode("latin-1")
+            given = next((v for k, v in metadata if k == key), None)  # the first one counts
+            raw = given.encode() if isinstance(given, str) else given
+            if raw is None or not hmac.compare_digest(raw, r.value):
+                return f"This protocol is restricted, expecting header '{key}'"
+            return None
+    return None
+
+
+def inference_key(restrictions: list[Restriction]) -> tuple[bytes, bytes] | None:
+    """The (header, value) the inference API requires, for the calls the sidecar makes itself."""
+    return next(((r.header, r.value) for r in restrictions if "inference" in r.apis), None)

@@ -19,13 +19,14 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from ..cache import entry as entries
+from ..cache.fingerprint import Fingerprints
 from ..cache.generation import Generations
 from ..cache.keys import cache_key, is_stateful
 from ..cache.memory import MemoryTier
@@ -33,6 +34,8 @@ from ..cache.redis import RedisTier
 from ..config import CacheConfig
 from ..errors import DecodeError, UpstreamTimeout, UpstreamUnavailable
 from ..metrics import Metrics
+from ..protocols import forwarded
+from ..protocols.request import InferenceResponse
 from .stage import Call, Next, Reply
 
 log = logging.getLogger("sidecar.cache")
@@ -75,8 +78,16 @@ class CacheStage:
     name = "cache"
 
     def __init__(self, cfg: CacheConfig, memory: MemoryTier, shared: RedisTier | None, generations: Generations,
-                 metrics: Metrics, clock: Callable[[], float] = time.time) -> None:
+                 metrics: Metrics, clock: Callable[[], float] = time.time,
+                 sharing: Callable[[], Awaitable[bool]] | None = None,
+                 fingerprints: Fingerprints | None = None) -> None:
         self.cfg = cfg
+        self.fingerprints = fingerprints  # what each model answers: part of the shared tier's key
+        # Whether what the model server checks of a caller is known (forwarded.Rules, RestrictionProbe): until
+        # it is, no answer is shared, for it might go to a caller the server would refuse. Asked only while
+        # the answer was last "not yet" (a call may wait briefly for the server to be asked).
+        self._sharing = sharing
+        self._shares = sharing is None
         self.memory = memory
         self.shared = shared
         self.generations = generations
@@ -97,7 +108,9 @@ class CacheStage:
         return self.every_model or model in self.enabled
 
     async def __call__(self, call: Call, next: Next) -> Reply:
-        if self._bypass(call):
+        if not self._shares and self._sharing is not None:
+            self._shares = await self._sharing()
+        if self._bypass(call) or not self._shares:
             self._count(call.request.model, "bypass", call.origin)
             reply = await next(call)
             reply.cache = reply.cache or "bypass"
@@ -112,8 +125,10 @@ class CacheStage:
             if found is not None:
                 self._count(model, "hit")
                 return Reply(200, response=found.response, source="cache", cache="hit")
-        # Only on an in-process miss: a hit never pays for the shared tier's key.
-        shared_key = self.shared.key(model, self.generations.versions.get(model, ""), ident) if self.shared else b""
+        # Only on an in-process miss: a hit never pays for the shared tier's key (nor for the fingerprint).
+        answers = self._answers(call)
+        shared_key = self.shared.key(model, f"{self.generations.versions.get(model, '')}|{answers}", ident) \
+            if self.shared is not None and answers is not None else b""
         if not call.no_cache:
             hit = await self._lookup_shared(model, key, shared_key)
             if hit is not None:
@@ -130,8 +145,15 @@ class CacheStage:
 
     # -- reads ---------------------------------------------------------------------------------------
 
+    def _answers(self, call: Call) -> str | None:
+        """What this model answers (``cache.fingerprint``), part of the shared tier's key; None until known,
+        and then the shared tier is skipped both ways (the first answer stored finds it out)."""
+        if self.fingerprints is None:
+            return ""
+        return self.fingerprints.current(call.request.model)
+
     async def _lookup_shared(self, model: str, key: bytes, shared_key: bytes) -> Reply | None:
-        if self.shared is None:
+        if self.shared is None or not shared_key:
             return None
         data = await self.shared.get(shared_key)
         if data is None:
@@ -178,7 +200,13 @@ class CacheStage:
             self._leave(flight)
             return self._stale_or_raise(model, key, UpstreamTimeout("model server did not answer before the "
                                                                     "call's deadline"))
-        except (UpstreamUnavailable, UpstreamTimeout) as e:
+        except UpstreamTimeout as e:
+            flight.waiters -= 1
+            if not leading and asyncio.get_running_loop().time() < call.deadline:
+                # The leader's own deadline ran out, not this caller's: it asks on its own, as it would alone.
+                return await self._fetch(call, key, shared_key, next)
+            return self._stale_or_raise(model, key, e)
+        except UpstreamUnavailable as e:
             flight.waiters -= 1
             return self._stale_or_raise(model, key, e)
         flight.waiters -= 1
@@ -189,13 +217,10 @@ class CacheStage:
         return await self._follow(call, reply, next)
 
     async def _follow(self, call: Call, reply: Reply, next: Next) -> Reply:
-        """A coalesced caller gets the shared answer re-encoded for it; an error in another protocol's
-        shape, or an answer that cannot be modelled, it fetches for itself."""
-        leader = reply.for_call
+        """A coalesced caller gets the shared answer re-encoded for it. An error it never shares: the leader's
+        error answer is the server's word on the leader's request (its id, its deadline, its priority), so
+        the follower asks for itself, as does one whose answer cannot be modelled."""
         if not reply.ok:
-            if leader is not None and type(leader.wire) is type(call.wire) and _same_form(leader, call):
-                self._count(call.request.model, "coalesced")
-                return Reply(reply.status, wire=reply.wire, source="coalesced", cache="coalesced")
             return await next(call)
         try:
             response = reply.response()
@@ -222,8 +247,30 @@ class CacheStage:
         now = self.clock()
         ttl = self.ttl(model)
         self.memory.put(key, model, entries.Entry(response, now, now + ttl, size))
-        if self.shared is not None:
+        if self.shared is not None and shared_key:
             self.shared.put(shared_key, entries.encode(response, now), ttl)
+        elif self.fingerprints is not None and self.fingerprints.current(model) is None:
+            keys = forwarded.restriction_keys(call.context)
+            if keys == call.context:  # forwarded headers shape the answer: not one every replica can ask
+                self.fingerprints.observe(call.request, response, keys, self._write_later(call, key, response, now))
+
+    def _write_later(self, call: Call, key: bytes, response: InferenceResponse,
+                     stored_at: float) -> Callable[[str], None] | None:
+        """Once the model's digest is known, the answer goes to the shared tier too - unless the model's
+        generation moved meanwhile (a flush, a reload): then it belongs to nobody."""
+        shared = self.shared
+        if shared is None:
+            return None
+        model = call.request.model
+        generation, epoch, ident = self.generations.key(model), shared.epoch(model), _identity(call)
+        versions = self.generations.versions.get(model, "")
+
+        def write(answers: str) -> None:
+            if self.generations.key(model) == generation and shared.epoch(model) == epoch:
+                shared_key = shared.key(model, f"{versions}|{answers}", ident)
+                shared.put(shared_key, entries.encode(response, stored_at), self.ttl(model))
+
+        return write
 
     def _landed_task(self, flight: _Flight, _task: asyncio.Task[Reply]) -> None:
         self._landed(flight)
@@ -257,6 +304,11 @@ class CacheStage:
     def ttl(self, model: str) -> float:
         return self.ttls.get(model, self.cfg.ttl)
 
+    def recheck_sharing(self) -> None:
+        """What the server checks of callers must be asked again (it restarted): nothing is shared till then."""
+        if self._sharing is not None:
+            self._shares = False
+
     def flush(self, model: str | None = None) -> int:
         """Make the in-process entries (of one model) unreachable now; the caller bumps the shared epoch."""
         if model is None:
@@ -271,6 +323,7 @@ class CacheStage:
         return {
             "entries": len(self.memory), "bytes": self.memory.used, "max_bytes": self.memory.max_bytes,
             "shared": None if self.shared is None else f"redis, breaker {self.shared.breaker.state}",
+            "fingerprints": self.fingerprints.report() if self.fingerprints is not None else {},
             "models": {model: {"hit_ratio": round(m.hit_ratio, 4), "hits": m.hits, "redis_hits": m.redis_hits,
                                "misses": m.misses, "coalesced": m.coalesced, "bypassed": m.bypassed,
                                "stale": m.stale, "entries": stored.get(model, (0, 0))[0]}
@@ -295,27 +348,17 @@ class CacheStage:
             stats.bypassed += 1
 
 
-def _same_form(a: Call, b: Call) -> bool:
-    """Whether an error answer to one call is the answer to the other: TF Serving REST's row and columnar
-    forms share a key, but the server may refuse one form (row format needs batch-aligned outputs) and not
-    the other."""
-    return _format(a) == _format(b)
-
-
-def _format(call: Call) -> str:
-    return next((v for k, v in call.request.parameters if k == "format"), "")
-
-
 def _identity(call: Call) -> bytes:
     """The call's cache identity; computed once for every call that shares its memo (identical bytes)."""
+    scope = call.scope if not call.context else call.scope + b"\0" + forwarded.encode(call.context)
     memo = call.memo
     if memo is None or memo.request is not call.request:
-        return cache_key(call.request, "", call.scope)
-    ident = memo.idents.get(call.scope)
+        return cache_key(call.request, "", scope)
+    ident = memo.idents.get(scope)
     if ident is None:
         if len(memo.idents) >= 4:  # one per tenant seen with these bytes; a handful is plenty
             memo.idents.clear()
-        ident = memo.idents[call.scope] = cache_key(call.request, "", call.scope)
+        ident = memo.idents[scope] = cache_key(call.request, "", scope)
     return ident
 
 

@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from ..protocols.forwarded import Context
 from ..protocols.request import InferenceRequest, InferenceResponse
 
 Header = tuple[bytes, bytes]
@@ -102,6 +103,9 @@ class Call:
     private: bool = False
     scope: bytes = b""
     memo: Memo | None = None  # set when the front has seen these exact bytes before (small requests)
+    # Headers the model server turns into model parameters or checks as a key (``protocols.forwarded``):
+    # part of the call's identity, and sent with any call the sidecar builds from this one.
+    context: Context = ()
 
 
 Decoder = Callable[[], InferenceResponse]

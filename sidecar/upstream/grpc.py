@@ -22,10 +22,10 @@ import grpc
 import grpc.aio
 
 from ..config import UpstreamConfig
-from ..errors import DecodeError, SidecarError, UpstreamTimeout, UpstreamUnavailable
+from ..errors import AnswerTooLarge, DecodeError, SidecarError, UpstreamTimeout, UpstreamUnavailable
 from ..metrics import Metrics
 from ..pipeline.stage import Call, GrpcAnswer, GrpcWire, Reply
-from ..protocols import kserve_grpc, tfserving_grpc
+from ..protocols import forwarded, kserve_grpc, tfserving_grpc
 from ..protocols.request import InferenceRequest, InferenceResponse, Protocol
 
 Metadata = tuple[tuple[str, str | bytes], ...]
@@ -44,6 +44,19 @@ _TRANSPORT_FAILURES = ("failed to connect", "connection refused", "connection re
                        "broken pipe", "goaway", "stream removed", "transport closed", "connect failed",
                        "unavailable: empty address list", "cancelling all calls", "endpoint closing")
 _TOO_LARGE = "received message larger than max"
+_RECONNECT_FIRST_MS = 100
+_RECONNECT_MAX_MS = 1000
+
+
+def reconnect_options(connect_timeout: float) -> list[tuple[str, int]]:
+    """How a channel reconnects to a model server that went away. gRPC's defaults back off up to 120 s between
+    attempts: a server back after a minute's outage would stay unreachable over gRPC for up to a minute more
+    while the sidecar, probing over HTTP, already says ready. Attempts here are at most a second apart (a
+    refused connect costs next to nothing), and one attempt (a handshake with a frozen server included)
+    gives up after ``upstream.connect_timeout``, as an HTTP connect does, instead of gRPC's 20 s."""
+    return [("grpc.initial_reconnect_backoff_ms", _RECONNECT_FIRST_MS),
+            ("grpc.max_reconnect_backoff_ms", _RECONNECT_MAX_MS),
+            ("grpc.min_reconnect_backoff_ms", max(100, round(connect_timeout * 1000)))]
 
 
 def default_port(protocol: str) -> int:
@@ -84,7 +97,8 @@ class GrpcUpstream:
             options = [("grpc.max_send_message_length", self.max_send),
                        ("grpc.max_receive_message_length", self.max_receive),
                        ("grpc.use_local_subchannel_pool", 1),  # each channel its own connection
-                       ("grpc.optimization_target", "throughput")]
+                       ("grpc.optimization_target", "throughput"),
+                       *reconnect_options(self.cfg.connect_timeout)]
             self._channels = [grpc.aio.insecure_channel(target, options=options) for _ in range(CHANNELS)]
             self._methods = [{} for _ in range(CHANNELS)]
         return next(self._turn) % len(self._channels)
@@ -111,7 +125,7 @@ class GrpcUpstream:
 
     async def send(self, call: Call) -> Reply:
         """Pipeline terminal for gRPC calls (and calls the sidecar builds of TF Serving gRPC callers)."""
-        wire = call.wire if isinstance(call.wire, GrpcWire) else encode_wire(call.request)
+        wire = call.wire if isinstance(call.wire, GrpcWire) else encode_wire(call.request, call.context)
         loop = asyncio.get_running_loop()
         timeout = call.deadline - loop.time()
         if timeout <= 0:
@@ -153,16 +167,18 @@ def raise_transport_failure(e: grpc.aio.AioRpcError, deadline: float | None, met
         error = UpstreamUnavailable(f"model server unavailable: {details[:200]}")
     elif code is grpc.StatusCode.RESOURCE_EXHAUSTED and lowered.startswith(_TOO_LARGE):
         metrics.upstream_errors.labels("too_large").inc()
-        error = UpstreamUnavailable(f"model server answer exceeds {max_receive} bytes")
+        error = AnswerTooLarge(f"model server answer exceeds {max_receive} bytes")
     if error is not None:
         raise error
 
 
-def encode_wire(request: InferenceRequest) -> GrpcWire:
-    """A canonical request in its protocol's gRPC form (a batch of TF Serving gRPC callers)."""
+def encode_wire(request: InferenceRequest, context: forwarded.Context = ()) -> GrpcWire:
+    """A canonical request in its protocol's gRPC form (a batch of TF Serving gRPC callers), with the metadata
+    of its context that reaches the model (forwarded keys, a restriction key)."""
+    metadata = tuple((k.decode("latin-1"), v) for k, v in forwarded.upstream_headers(context))
     if request.protocol is Protocol.TFSERVING_GRPC:
-        return GrpcWire(tfserving_grpc.PREDICT, tfserving_grpc.encode_request(request), ())
-    return GrpcWire(kserve_grpc.MODEL_INFER, kserve_grpc.encode_request(request), ())
+        return GrpcWire(tfserving_grpc.PREDICT, tfserving_grpc.encode_request(request), metadata)
+    return GrpcWire(kserve_grpc.MODEL_INFER, kserve_grpc.encode_request(request), metadata)
 
 
 def decode_answer(method: str, message: bytes) -> InferenceResponse:

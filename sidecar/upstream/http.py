@@ -16,11 +16,11 @@ from typing import Any
 import orjson
 
 from ..config import UpstreamConfig
-from ..errors import BadRequest, UpstreamTimeout, UpstreamUnavailable
+from ..errors import AnswerTooLarge, BadRequest, UpstreamTimeout, UpstreamUnavailable
 from ..headers import Header, end_to_end
 from ..metrics import Metrics
 from ..pipeline.stage import Call, HttpAnswer, HttpWire, Reply
-from ..protocols import dispatch
+from ..protocols import dispatch, forwarded
 from ..protocols.request import InferenceRequest
 from .h1 import BodyTooLarge, ConnectionFailed, H1Pool, H1Stream
 
@@ -28,8 +28,12 @@ _PROBE_POOL_SIZE = 4
 
 
 class HttpUpstream:
-    def __init__(self, cfg: UpstreamConfig, metrics: Metrics, max_answer_bytes: int) -> None:
+    def __init__(self, cfg: UpstreamConfig, metrics: Metrics, max_answer_bytes: int,
+                 own_headers: Sequence[Header] = ()) -> None:
         self.cfg = cfg
+        # Sent with the calls the sidecar builds itself (batches, warm-up): the inference API's key, when the
+        # sidecar restricts it as the model server does.
+        self.own_headers = tuple(own_headers)
         self.base = cfg.url.rstrip("/")
         self.metrics = metrics
         self.max_answer_bytes = max_answer_bytes
@@ -48,7 +52,8 @@ class HttpUpstream:
 
     async def send(self, call: Call) -> Reply:
         """Pipeline terminal: the caller's own bytes (or the canonical request encoded), whole answer back."""
-        wire = call.wire if isinstance(call.wire, HttpWire) else encode_wire(call.request)
+        wire = call.wire if isinstance(call.wire, HttpWire) else encode_wire(call.request, call.context,
+                                                                               self.own_headers)
         started = time.perf_counter()
         try:
             r = await self.pool.request("POST", wire.target, wire.headers, wire.body, max_body=self.max_answer_bytes,
@@ -62,7 +67,7 @@ class HttpUpstream:
             raise UpstreamUnavailable(f"model server unavailable: {e}") from None
         except BodyTooLarge:
             self.metrics.upstream_errors.labels("too_large").inc()
-            raise UpstreamUnavailable(f"model server answer exceeds {self.max_answer_bytes} bytes") from None
+            raise AnswerTooLarge(f"model server answer exceeds {self.max_answer_bytes} bytes") from None
         except ValueError as e:  # the pool's last line of defence: nothing that could split a request
             raise BadRequest(f"request cannot be forwarded: {e}") from None
         self.metrics.observe_upstream(call.route, call.request.model, time.perf_counter() - started)
@@ -76,16 +81,19 @@ class HttpUpstream:
     @contextlib.asynccontextmanager
     async def stream(self, method: str, target: bytes, headers: Sequence[Header],
                      body: AsyncIterable[bytes] | bytes | None, content_length: int | None) -> AsyncIterator[H1Stream]:
-        """Raw pass-through: the caller reads the answer's body from the stream itself."""
+        """Raw pass-through: the caller reads the answer's body from the stream itself. Bounded by
+        ``upstream.passthrough_timeout`` only (0: none): a model load may rightly take minutes, and the
+        server would finish it for a caller that waits."""
+        limit = self.cfg.passthrough_timeout or None
         try:
-            async with asyncio.timeout(self.cfg.timeout) as deadline, self.pool.stream(
+            async with asyncio.timeout(limit) as deadline, self.pool.stream(
                 method, target, headers, body, content_length=content_length
             ) as response:
                 deadline.reschedule(None)  # headers are in; the body streams at the caller's pace
                 yield response
         except TimeoutError:
             self.metrics.upstream_errors.labels("timeout").inc()
-            raise UpstreamTimeout(f"model server did not answer within {self.cfg.timeout:g} s") from None
+            raise UpstreamTimeout(f"model server did not answer within {limit:g} s") from None
         except ConnectionFailed as e:
             self.metrics.upstream_errors.labels("unavailable").inc()
             raise UpstreamUnavailable(f"model server unavailable: {e}") from None
@@ -113,6 +121,14 @@ class HttpUpstream:
             return answer.status, None
 
 
-def encode_wire(request: InferenceRequest) -> HttpWire:
-    """A canonical request in its protocol family's HTTP form (batches, the warm-up sweep, gRPC callers)."""
-    return HttpWire(*dispatch.encode_http(request))
+def encode_wire(request: InferenceRequest, context: forwarded.Context = (),
+                own_headers: Sequence[Header] = ()) -> HttpWire:
+    """A canonical request in its protocol family's HTTP form (batches, the warm-up sweep, gRPC callers), with
+    the headers of its context that reach the model (forwarded headers, a restriction key) and the sidecar's
+    own (``HttpUpstream.own_headers``)."""
+    target, headers, body = dispatch.encode_http(request)
+    if context or own_headers:
+        sent = forwarded.upstream_headers(context)
+        taken = {name.lower() for name, _ in sent}
+        headers = (*headers, *sent, *(h for h in own_headers if h[0].lower() not in taken))
+    return HttpWire(target, headers, body)
