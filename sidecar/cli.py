@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
-from . import __version__
+from . import __version__, logs
 from .config import Config, keys, load, read_yaml, render_yaml
 from .deploy.cli import COMMANDS as DEPLOY_COMMANDS
 from .deploy.cli import add_parsers as add_deploy_parsers
@@ -91,9 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         print(f"sidecar: {e.message}", file=sys.stderr)
         return EXIT_CONFIG
-    logging.basicConfig(
-        level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    logs.configure(cfg.log_level, cfg.log_format)
     if ns.command == "config":
         return _print(render_yaml(cfg))
     if ns.command == "plan":

