@@ -57,9 +57,15 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
 from bench import svgplot  # noqa: E402
-from sidecar.forecast.history import DAY_MINUTES, MinuteSeries  # noqa: E402
-from sidecar.forecast.lead import percentile  # noqa: E402
-from sidecar.forecast.model import ForecastError, ModelSettings, backtest, predict  # noqa: E402
+from sidecar.forecast import (  # noqa: E402
+    DAY_MINUTES,
+    ForecastError,
+    MinuteSeries,
+    ModelSettings,
+    backtest,
+    percentile,
+    predict,
+)
 
 WEEK = 7 * 86400
 SYNC = 15  # seconds: the HPA's period, Prometheus' scrape interval, metrics-server's resolution

@@ -39,9 +39,8 @@ import numpy as np  # noqa: E402
 import orjson  # noqa: E402
 
 from bench.loadgen import WrkResult, _seconds  # noqa: E402
-from sidecar.cache.entry import Entry  # noqa: E402
-from sidecar.cache.keys import cache_key  # noqa: E402
-from sidecar.cache.memory import MemoryTier  # noqa: E402
+from sidecar.cache import Entry, MemoryTier  # noqa: E402
+from sidecar.identity import cache_key  # noqa: E402
 from sidecar.protocols.request import InferenceRequest, InferenceResponse, Protocol, Tensor  # noqa: E402
 from tests.servers import MODELS_DIR, RedisServer, TritonServer  # noqa: E402
 from tests.sidecar_proc import SidecarProcess  # noqa: E402

@@ -14,7 +14,6 @@ two top models against their steady p99. Rounds alternate the cases (the machine
 from __future__ import annotations
 
 import argparse
-import asyncio
 import shutil
 import statistics
 import sys
@@ -27,10 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 import orjson  # noqa: E402
 
-from sidecar.cache.keys import request_key  # noqa: E402
-from sidecar.protocols import kserve_http  # noqa: E402
-from sidecar.warmup import payload  # noqa: E402
-from sidecar.warmup.store import Sample, StoreLimits, open_store  # noqa: E402
+from tests import traffic  # noqa: E402
 from tests.servers import TritonServer, wait_until  # noqa: E402
 from tests.sidecar_proc import SidecarProcess, http_status  # noqa: E402
 from tests.wire import exchange  # noqa: E402
@@ -51,19 +47,8 @@ def repository(root: Path) -> Path:
 
 
 def recorded_store(path: Path) -> str:
-    async def fill() -> None:
-        traffic = open_store(str(path), StoreLimits())
-        samples = []
-        for i, (model, share) in enumerate(SHARES.items()):
-            request = kserve_http.decode_request(model, "", body(float(i)), None)
-            call = payload.RecordedCall.canonical(request)
-            samples.append(Sample(model, request_key(request), "INPUT0:FP32[1,64]", 1, share * 10,
-                                  payload.encode(call)))
-        await traffic.add(samples)
-        await traffic.close()
-
-    asyncio.run(fill())
-    return str(path)
+    return traffic.recorded_store(str(path), {m: (body(float(i)), share * 10)
+                                              for i, (m, share) in enumerate(SHARES.items())})
 
 
 def one_case(work: Path, share: float) -> dict[str, float]:

@@ -14,6 +14,7 @@ from .config import Config, keys, load, read_yaml, render_yaml
 from .deploy.cli import COMMANDS as DEPLOY_COMMANDS
 from .deploy.cli import add_parsers as add_deploy_parsers
 from .errors import ConfigError
+from .forecast.commands import add_parser as add_history_parser
 
 EXIT_CONFIG = 2
 
@@ -27,6 +28,8 @@ def _parser() -> argparse.ArgumentParser:
     _config_flags(run)
 
     show = sub.add_parser("config", help="print the effective configuration and exit")
+    show.add_argument("--reference", action="store_true",
+                      help="print the settings reference (docs/configuration.md) instead")
     _config_flags(show)
 
     plan = sub.add_parser("plan", help="print the warm-up plan the sidecar would run now, without running it")
@@ -40,6 +43,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="tfserving: the tf_serving_warmup_requests file; triton: a directory")
     export.add_argument("--max-batch-size", type=int, default=None,
                         help="triton: the model's max_batch_size (default: asked from the upstream)")
+    add_history_parser(sub, _config_flags)
     add_deploy_parsers(sub)
     return p
 
@@ -92,11 +96,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CONFIG
     logs.configure(cfg.log_level, cfg.log_format)
     if ns.command == "config":
+        if ns.reference:
+            from .reference import configuration_markdown
+
+            return _print(configuration_markdown())
         return _print(render_yaml(cfg))
     if ns.command == "plan":
         from .tools import print_plan
 
         return asyncio.run(print_plan(cfg))
+    if ns.command == "history":
+        from .forecast.commands import run as run_history
+
+        return run_history(ns, cfg.forecast, cfg.store)
     if ns.command == "export-warmup":
         from .tools import export_warmup
 

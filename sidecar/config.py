@@ -52,7 +52,7 @@ def _http_url(v: Any) -> str | None:
 
 
 def _restricted(v: Any) -> str | None:
-    from .front.restrict import parse
+    from .protocols.restrict import parse
 
     try:
         parse(v)
@@ -68,6 +68,23 @@ def _forward_pattern(v: Any) -> str | None:
         compile_pattern(v)
     except ValueError as e:
         return f"a regular expression ({e})"
+    return None
+
+
+# Every Redis URL the sidecar takes (sidecar/redis/urls.py reads them; a URL it cannot read stops start-up).
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://", "redis+sentinel://",
+                 "rediss+sentinel://")
+
+
+def _redis_or_off(v: Any) -> str | None:
+    if v in ("", "off") or v.lower().startswith(REDIS_SCHEMES):
+        return None
+    return "'off' or a Redis URL: " + ", ".join(REDIS_SCHEMES)
+
+
+def _store_location(v: Any) -> str | None:
+    if v.lower().startswith(("redis", "unix:")) and not v.lower().startswith(REDIS_SCHEMES):
+        return "a file path or a Redis URL: " + ", ".join(REDIS_SCHEMES)
     return None
 
 
@@ -185,6 +202,23 @@ class LimitsConfig:
                       "limit, as no one figure suits every body size (body_min_rate bounds a trickle already)",
                       _non_negative),
     )
+    lingering_time: float = field(
+        default=30.0,
+        metadata=_key("after answering a request whose body was not read (413, 400, 431, 503), seconds the "
+                      "sidecar keeps reading and discarding what the client still sends before it closes, so the "
+                      "client reads the answer instead of a connection reset (nginx's lingering_time); 0: close "
+                      "at once", _non_negative),
+    )
+    lingering_timeout: float = field(
+        default=5.0,
+        metadata=_key("seconds of silence that end the lingering read early (nginx's lingering_timeout)",
+                      _positive),
+    )
+    lingering_bytes: int = field(
+        default=256 * 1024 * 1024,
+        metadata=_key("bytes the lingering read discards at most before it closes (suffixes KiB, MiB, GiB)",
+                      _non_negative),
+    )
 
 
 def _share(v: Any) -> str | None:
@@ -231,7 +265,9 @@ class RecordConfig:
 class WarmupConfig:
     enabled: bool = field(default=True, metadata=_key("replay recorded traffic before reporting ready"))
     seeds: str = field(
-        default="", metadata=_key("directory of seed request files in the upstream's wire format (see README)")
+        default="",
+        metadata=_key("directory of seed request files, <dir>/<model>/<name>.json in the upstream's wire format "
+                      "(docs/guide.md)"),
     )
     savedmodel: str = field(
         default="", metadata=_key("SavedModel directory whose assets.extra/tf_serving_warmup_requests seeds warm-up")
@@ -364,8 +400,9 @@ class CacheConfig:
                                   "Authorization or Cookie are cached per tenant; empty: such calls are not cached"),
     )
     redis: str = field(
-        default="", metadata=_key("redis://, rediss:// or unix:// URL of the shared tier; empty: the traffic "
-                                  "store's Redis, if it is one; 'off': no shared tier"),
+        default="", metadata=_key("Redis URL of the shared tier (redis://, rediss://, unix://, redis+cluster://, "
+                                  "redis+sentinel://); empty: the traffic store's Redis, if it is one; 'off': no "
+                                  "shared tier", _redis_or_off),
     )
     verify_interval: float = field(
         default=60.0,
@@ -429,6 +466,95 @@ class BatchConfig:
     )
 
 
+_DAY = 86400.0
+
+
+def _model_rates(v: Any) -> str | None:
+    for item in v:
+        model, sep, rate = item.rpartition("=")
+        try:
+            if not sep or not model or float(rate) <= 0:
+                raise ValueError
+        except ValueError:
+            return "MODEL=REQUESTS_PER_SECOND pairs, comma-separated, rates > 0"
+    return None
+
+
+def _namespace(v: Any) -> str | None:
+    # Braces would end the Redis Cluster hash tag the keys are built with.
+    return None if re.fullmatch(r"[A-Za-z0-9._:-]{1,64}", v) else "letters, digits, '.', '_', ':' or '-', 1 to 64"
+
+
+@dataclass(frozen=True)
+class ForecastConfig:
+    history: float = field(
+        default=14 * _DAY,
+        metadata=_key("seconds of per-model, per-minute call counts kept for the forecast (default 14 days); "
+                      "0: no history and no forecast", _non_negative),
+    )
+    store: str = field(
+        default="",
+        metadata=_key("where the history lives: a SQLite file path or a Redis URL (as store); empty: the traffic "
+                      "store's Redis (fleet-wide), or history.db beside its SQLite file", _store_location),
+    )
+    namespace: str = field(
+        default="warm-sidecar",
+        metadata=_key("Redis key namespace of the history and the lead samples: replicas sharing it pool their "
+                      "counts (one per Service, kept across rollouts)", _namespace),
+    )
+    max_models: int = field(
+        default=1000, metadata=_key("models the history keeps at most (the least recently seen go first)",
+                                    _positive),
+    )
+    flush_interval: float = field(
+        default=1.0,
+        metadata=_key("seconds between the history's writes: each is one Redis round trip or SQLite transaction, "
+                      "whatever the traffic", _at_least(1)),
+    )
+    min_history: float = field(
+        default=_DAY,
+        metadata=_key("seconds a model must have been seen before it gets a forecast (AWS asks 24 h); a newer "
+                      "model has none, never a forecast of zero", _positive),
+    )
+    lead: float = field(
+        default=0.0,
+        metadata=_key("seconds ahead the forecast looks; 0: the fleet's measured launch-to-warm time "
+                      "(forecast.lead_percentile) plus forecast.extra_lead", _non_negative),
+    )
+    extra_lead: float = field(
+        default=0.0,
+        metadata=_key("seconds added to the measured launch-to-warm time for what the pod cannot measure: node "
+                      "provisioning, scheduling, image pull, the metrics pipeline and the autoscaler's period",
+                      _non_negative),
+    )
+    lead_percentile: float = field(
+        default=0.9, metadata=_key("share of measured launch-to-warm times the lead covers", _share),
+    )
+    lead_samples: int = field(
+        default=100, metadata=_key("launch-to-warm measurements the fleet keeps (the newest)", _positive),
+    )
+    default_lead: float = field(
+        default=120.0,
+        metadata=_key("seconds of lead (before forecast.extra_lead) while no launch-to-warm time has been "
+                      "measured yet", _positive),
+    )
+    level_window: float = field(
+        default=1800.0,
+        metadata=_key("seconds of recent traffic compared with the pattern to correct its level (today "
+                      "against the same minutes of past days)", _at_least(60)),
+    )
+    smoothing: float = field(
+        default=120.0,
+        metadata=_key("seconds either side of a past minute averaged into its seasonal sample (noise)",
+                      _non_negative),
+    )
+    capacity: tuple[str, ...] = field(
+        default=(),
+        metadata=_key("what one pod serves, MODEL=REQUESTS_PER_SECOND pairs, overriding what the sidecar learns "
+                      "from the batcher's latencies and the observed peak", _model_rates),
+    )
+
+
 @dataclass(frozen=True)
 class Config:
     listen: str = field(default="0.0.0.0:9000", metadata=_key("HTTP data port (HOST:PORT)", _host_port))
@@ -478,7 +604,10 @@ class Config:
     )
     store: str = field(
         default="/tmp/warm-sidecar/traffic.db",
-        metadata=_key("traffic memory: a file path (embedded SQLite) or redis://, rediss://, unix:// URL"),
+        metadata=_key("traffic memory: a file path (embedded SQLite) or a Redis URL: redis://, rediss://, unix://, "
+                      "redis+cluster://host:port[,host:port...] (Redis Cluster) or "
+                      "redis+sentinel://host:port[,host:port...]/service (the master Sentinel names; "
+                      "rediss+ for TLS)", _store_location),
     )
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
@@ -489,6 +618,7 @@ class Config:
     models: ModelsConfig = field(default_factory=ModelsConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
+    forecast: ForecastConfig = field(default_factory=ForecastConfig)
 
 
 def split_host_port(value: str) -> tuple[str, int]:

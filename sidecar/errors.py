@@ -6,6 +6,8 @@ code exactly once, at the edge, in the upstream's own error shape.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 
 class SidecarError(Exception):
     """Base class. ``http_status`` is what the HTTP front answers with."""
@@ -96,3 +98,47 @@ class Overloaded(SidecarError):
 
 class ConfigError(SidecarError):
     """A configuration value is invalid; start-up stops with exit status 2."""
+
+
+# -- the one mapping to the wire ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """An error as a front writes it: HTTP status, gRPC code, message, Retry-After (seconds, or None), and
+    the Content-Type of an HTTP body, which is ``{"error": message}`` unless ``text`` (Triton's own 403 and
+    405 say text/plain)."""
+
+    http_status: int
+    grpc_code: str
+    message: str
+    retry_after: int | None = None
+    text: bool = False
+    close: bool = False  # the request body may still be arriving: the HTTP connection closes after
+
+
+def refusal(err: SidecarError) -> Refusal:
+    retry = getattr(err, "retry_after", None)
+    return Refusal(
+        http_status=400 if err.http_status == 499 else err.http_status,  # nobody to answer: Triton's own word
+        grpc_code=err.grpc_code,
+        message=err.message,
+        retry_after=None if retry is None else max(1, round(retry)),
+        text=err.http_status in (403, 405),
+        close=err.http_status in (408, 413),
+    )
+
+
+# A model server's gRPC status as the HTTP-like status stages judge answers by (Reply.status), whatever the
+# protocol: the status Triton's HTTP API uses for the same outcome.
+GRPC_TO_HTTP = {
+    "OK": 200, "CANCELLED": 499, "UNKNOWN": 500, "INVALID_ARGUMENT": 400, "DEADLINE_EXCEEDED": 504,
+    "NOT_FOUND": 404, "ALREADY_EXISTS": 409, "PERMISSION_DENIED": 403, "RESOURCE_EXHAUSTED": 429,
+    "FAILED_PRECONDITION": 400, "ABORTED": 409, "OUT_OF_RANGE": 400, "UNIMPLEMENTED": 501, "INTERNAL": 500,
+    "UNAVAILABLE": 503, "DATA_LOSS": 500, "UNAUTHENTICATED": 401,
+}
+
+
+class MethodNotAllowed(SidecarError):
+    http_status = 405
+    grpc_code = "UNIMPLEMENTED"

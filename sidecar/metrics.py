@@ -60,6 +60,10 @@ class Metrics:
         self.record_dropped = Counter(
             "sidecar_record_dropped", "Calls not recorded because the recorder's queue was full", registry=r,
         )
+        self.record_store_dropped = Counter(
+            "sidecar_record_store_dropped", "Recorded calls whose counts the traffic store could not take (Redis "
+            "down, failing over, or its breaker open): lost, not retried", registry=r,
+        )
         self.gated = Counter("sidecar_gated", "Calls held or rejected while not warm", ["action"], registry=r)
         self.unmodelled = Counter(
             "sidecar_unmodelled", "Inference calls the codecs could not model, forwarded untouched", ["protocol"],

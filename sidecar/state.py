@@ -46,10 +46,11 @@ class StateMachine:
         self.state = State.STARTING
         self.since = time.time()
         self.reason = "sidecar started"
-        self.progress = 0.0
+        self._progress = 0.0
         self._changed = asyncio.Event()
         self._on_change = on_change
         self._listeners: list[Callable[[State], None]] = []
+        self._progress_listeners: list[Callable[[float], None]] = []
 
     def __repr__(self) -> str:
         return f"<StateMachine {self.state} since={self.since:.0f} reason={self.reason!r}>"
@@ -79,6 +80,22 @@ class StateMachine:
     def subscribe(self, listener: Callable[[State], None]) -> None:
         """``listener(new_state)`` after every change (gRPC health watchers wake on it)."""
         self._listeners.append(listener)
+
+    @property
+    def progress(self) -> float:
+        """Warm-up progress, 0..1: 1 when WARM, 0 before warming."""
+        return self._progress
+
+    @progress.setter
+    def progress(self, value: float) -> None:
+        if value == self._progress:
+            return
+        self._progress = value
+        for listener in self._progress_listeners:  # the data planes' load reports carry it
+            listener(value)
+
+    def subscribe_progress(self, listener: Callable[[float], None]) -> None:
+        self._progress_listeners.append(listener)
 
     @property
     def live(self) -> bool:

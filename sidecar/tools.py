@@ -11,19 +11,19 @@ import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from .app import store_limits
 from .config import Config
+from .control.monitor import detect_protocol
+from .control.plane import store_limits
+from .control.warmer import Warmer
 from .errors import SidecarError
-from .health import detect_protocol
 from .metrics import Metrics
 from .protocols.request import InferenceRequest, Protocol
+from .protocols.tftensor import dtype_name
 from .state import StateMachine
 from .upstream.http import HttpUpstream
 from .warmup.export import Signature
 from .warmup.planner import batch_text
 from .warmup.store import open_store
-from .warmup.tftensor import dtype_name
-from .warmup.warmer import Warmer
 
 
 @contextlib.asynccontextmanager

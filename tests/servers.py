@@ -500,10 +500,11 @@ class RedisServer(ServerProcess):
 
     name = "redis"
 
-    def __init__(self, workdir: str | Path = ".") -> None:
-        (port,) = free_ports(1)
-        super().__init__(workdir, port)
-        self.url = f"redis://{HOST}:{port}/0"
+    def __init__(self, workdir: str | Path = ".", extra: Sequence[str] = (), port: int | None = None) -> None:
+        """``extra``: more redis-server arguments (``--cluster-enabled yes``, ``--replicaof ...``)."""
+        super().__init__(workdir, port if port is not None else free_ports(1)[0])
+        self.url = f"redis://{HOST}:{self.port}/0"
+        self.extra = list(extra)
 
     def command(self) -> list[str]:
         binary = os.environ.get("SIDECAR_REDIS_SERVER") or shutil.which("redis-server")
@@ -517,6 +518,7 @@ class RedisServer(ServerProcess):
             "--appendonly", "no",
             "--dir", str(self.workdir),
             "--daemonize", "no",
+            *self.extra,
         ]  # fmt: skip
 
     def is_ready(self) -> bool:

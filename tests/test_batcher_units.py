@@ -17,12 +17,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from sidecar.calls import Call, HttpAnswer, HttpWire, Reply
 from sidecar.config import BatchConfig
 from sidecar.errors import AnswerTooLarge, SidecarError, UpstreamTimeout, UpstreamUnavailable
+from sidecar.latency import LatencyModel
 from sidecar.metrics import Metrics
 from sidecar.pipeline.batcher import CONFIRM, Batcher
-from sidecar.pipeline.latency import LatencyModel
-from sidecar.pipeline.stage import Call, HttpAnswer, HttpWire, Reply
 from sidecar.protocols.forwarded import Context
 from sidecar.protocols.request import InferenceRequest, InferenceResponse, Protocol, Tensor, pack_bytes_elements
 from sidecar.protocols.rows import batch_signature, merge, rows_of, split

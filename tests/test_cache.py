@@ -350,19 +350,23 @@ def test_redis_killed_and_restarted_under_load(triton: TritonServer, redis_serve
             worker.join(30)
         failed = [o for o in outcomes if o[1] != 200]
         assert not failed, f"{len(failed)} of {len(outcomes)} calls failed: {failed[:5]}"
-        assert metric(sidecar, 'sidecar_cache_redis_errors_total{kind="error"}') or \
+        assert metric(sidecar, 'sidecar_cache_redis_errors_total{kind="read"}') or \
             metric(sidecar, 'sidecar_cache_redis_errors_total{kind="write"}')
         assert metric(sidecar, "sidecar_cache_redis_breaker_openings_total") >= 1
         assert metric(sidecar, "sidecar_cache_redis_dropped_writes_total") >= 1  # misses while Redis was down
 
 
 async def test_writes_still_queued_at_shutdown_reach_redis(shared_redis: RedisServer) -> None:
-    from sidecar.cache.redis import Breaker, RedisTier
+    from sidecar.cache.redis import RedisTier
+    from sidecar.redis.breaker import Breaker
+    from sidecar.redis.client import RedisClient
 
-    tier = RedisTier(shared_redis.url, "close-test", 0.05, Breaker(3, 1.0))
+    client = RedisClient(shared_redis.url, Breaker(3, 1.0))
+    tier = RedisTier(client, "close-test", 0.05)
     for n in range(200):  # no writer task runs: everything is still queued when the pod shuts down
         tier.put(b"close-test:c:g:%d" % n, b"answer %d" % n, 60.0)
     await tier.close()
+    await client.close()
     assert len(redis.Redis.from_url(shared_redis.url).keys("close-test:c:*")) == 200
     assert tier.dropped_writes == 0
 

@@ -21,16 +21,16 @@ from hypothesis import strategies as st
 from sidecar.cache import entry as entries
 from sidecar.cache.entry import Entry
 from sidecar.cache.generation import Generations
-from sidecar.cache.keys import cache_key, is_stateful
 from sidecar.cache.memory import MemoryTier
-from sidecar.cache.redis import Breaker
+from sidecar.calls import Call, HttpAnswer, HttpWire, Reply
 from sidecar.config import CacheConfig
 from sidecar.errors import UpstreamUnavailable
+from sidecar.identity import cache_key, is_stateful
 from sidecar.metrics import Metrics
 from sidecar.pipeline.cache import CacheStage
-from sidecar.pipeline.stage import Call, HttpAnswer, HttpWire, Reply
 from sidecar.protocols import kserve_http
 from sidecar.protocols.request import InferenceRequest, InferenceResponse, Protocol, Tensor, freeze_params
+from sidecar.redis.breaker import Breaker
 from tests.strategies import inference_requests, inference_responses
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -487,6 +487,7 @@ def test_answers_held_are_invisible_to_the_garbage_collector() -> None:
 async def test_a_probe_whose_caller_leaves_does_not_leave_the_breaker_open_for_good() -> None:
     """The half-open breaker's one probe read is cancelled (its client disconnected): a later read probes."""
     from sidecar.cache.redis import RedisTier
+    from sidecar.redis.client import RedisClient
 
     accepted: list[asyncio.StreamWriter] = []
     connected = asyncio.Event()
@@ -499,7 +500,8 @@ async def test_a_probe_whose_caller_leaves_does_not_leave_the_breaker_open_for_g
     port = server.sockets[0].getsockname()[1]
     now = [100.0]
     breaker = Breaker(failures=1, cooldown=1.0, clock=lambda: now[0])
-    tier = RedisTier(f"redis://127.0.0.1:{port}/0", "t", timeout=0.5, breaker=breaker)
+    client = RedisClient(f"redis://127.0.0.1:{port}/0", breaker)
+    tier = RedisTier(client, "t", timeout=0.5)
     try:
         breaker.failure()
         assert breaker.state == "open"
@@ -513,6 +515,7 @@ async def test_a_probe_whose_caller_leaves_does_not_leave_the_breaker_open_for_g
         assert breaker.allow()  # another probe may go
     finally:
         await tier.close()
+        await client.close()
         server.close()
         for writer in accepted:
             writer.close()

@@ -17,11 +17,11 @@ from hypothesis import strategies as st
 
 from sidecar.protocols import kserve_http, tfserving_rest
 from sidecar.protocols.request import InferenceRequest, Protocol, Tensor, pack_bytes_elements, thaw_params
+from sidecar.protocols.tftensor import from_tensor_proto, to_tensor_proto
 from sidecar.protogen.tensorflow.core.framework import tensor_pb2, types_pb2
 from sidecar.protogen.tensorflow_serving.apis import prediction_log_pb2
 from sidecar.warmup import tfrecord
 from sidecar.warmup.export import from_tfserving_warmup, to_tfserving_warmup, to_triton_model_warmup
-from sidecar.warmup.tftensor import from_tensor_proto, to_tensor_proto
 from tests.strategies import tensors
 
 

@@ -395,7 +395,7 @@ LOADER_SCRIPT = """
 import asyncio, sys
 from sidecar.config import ModelsConfig
 from sidecar.loading.book import ModelBook, ModelState
-from sidecar.loading.ondemand import OnDemandLoader
+from sidecar.control.ondemand import OnDemandLoader
 
 class Monitor:
     protocol = "triton"

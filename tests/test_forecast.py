@@ -20,11 +20,10 @@ import pytest
 import redis.asyncio as aioredis
 import yaml
 
-from sidecar.config import keys
+from sidecar.config import ForecastConfig, keys
 from sidecar.errors import ConfigError
 from sidecar.forecast import commands
 from sidecar.forecast.capacity import MIN_MISS_SHARE, Capacity, PeakRate, capacity, from_latency, parse_overrides
-from sidecar.forecast.config import ForecastConfig
 from sidecar.forecast.csvio import CsvError, format_minute, parse_minute, read_rows, write_rows
 from sidecar.forecast.history import DAY_MINUTES, History, HistoryLimits, MinuteSeries, Pending
 from sidecar.forecast.history_redis import RedisHistory, day_key
@@ -33,7 +32,7 @@ from sidecar.forecast.lead import LocalLeadSamples, RedisLeadSamples, lead_time,
 from sidecar.forecast.model import WEEK_MINUTES, ModelSettings, backtest, forecast, lookback, predict
 from sidecar.forecast.service import Forecaster, settings_from
 from sidecar.forecast.signals import NAMES, ForecastCollector
-from sidecar.pipeline.latency import LatencyModel
+from sidecar.latency import LatencyModel
 from tests.kube import K8S, NATIVE_OLDEST, NEWEST, OLDEST, load_documents, validate
 from tests.servers import RedisServer
 
@@ -731,7 +730,7 @@ async def test_history_import_export_round_trip(tmp_path: Path) -> None:
 
 RECIPES = [K8S / "autoscaling" / "triton-hpa-forecast.yaml",
            K8S / "autoscaling" / "tfserving-scaledobject-forecast.yaml",
-           K8S / "monitoring" / "prometheus-adapter-forecast-rules.yaml"]
+           K8S / "monitoring" / "prometheus-adapter-rules.yaml"]
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
@@ -745,7 +744,8 @@ def test_recipes_scale_on_max_of_demand_and_forecast_and_in_on_demand() -> None:
     (hpa,) = load_documents(RECIPES[0])
     (scaled,) = load_documents(RECIPES[1])
     (rules_cm,) = load_documents(RECIPES[2])
-    rules = yaml.safe_load(rules_cm["data"]["rules.yaml"])["rules"]
+    rules = [r for r in yaml.safe_load(rules_cm["data"]["config.yaml"])["rules"]
+             if r["name"]["as"].startswith("warm_sidecar_")]
     served = {r["name"]["as"] for r in rules}
     wanted = {m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"]}
     assert wanted == {"sidecar_queue_depth"} | served  # the queue's rule is k8s/monitoring's own

@@ -8,20 +8,21 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.cache.keys import request_key
+from sidecar.calls import Call, HttpAnswer, HttpWire, Reply
 from sidecar.config import GateConfig, load
+from sidecar.control.warmer import Warmer
 from sidecar.errors import Overloaded
+from sidecar.identity import request_key
 from sidecar.loading.book import ModelBook, ModelState
 from sidecar.metrics import Metrics
 from sidecar.pipeline.gate import Gate
-from sidecar.pipeline.stage import Call, HttpAnswer, HttpWire, Reply
+from sidecar.planes import Snapshot, View
 from sidecar.protocols import kserve_http
 from sidecar.protocols.request import InferenceRequest, Protocol
 from sidecar.state import State, StateMachine
 from sidecar.upstream.http import HttpUpstream
 from sidecar.warmup import payload
 from sidecar.warmup.store import Sample, StoreLimits, TrafficStore, open_store
-from sidecar.warmup.warmer import Warmer
 
 CALL = Call(InferenceRequest(Protocol.KSERVE_HTTP, "m"), "rid", 0.0, HttpWire(b"/v2/models/m/infer", (), b"{}"))
 
@@ -36,9 +37,35 @@ def warming() -> StateMachine:
     return machine
 
 
+class Plane:
+    """The control plane's part the gate sees, and nothing more: the pod's state and the model book, published
+    as a snapshot into a view at each change; the gate's observations go to the book."""
+
+    def __init__(self, machine: StateMachine, book: ModelBook | None = None) -> None:
+        self.machine, self.book, self.view = machine, book or ModelBook(lambda: False), View()
+        machine.subscribe(lambda _state: self.publish())
+        self.book.subscribe(self.publish)
+        self.publish()
+
+    def publish(self) -> None:
+        models = {n: ready for n in self.book.models if (ready := self.book.ready(n)) is not None}
+        self.view.apply(Snapshot(state=self.machine.state, models=models))
+
+    def touched(self, model: str) -> None:
+        self.book.touch(model)
+
+    def wanted(self, model: str) -> None:
+        self.book.want(model)
+
+
+def gate_for(cfg: GateConfig, machine: StateMachine, book: ModelBook | None = None) -> Gate:
+    plane = Plane(machine, book)
+    return Gate(cfg, plane.view, plane, Metrics())  # type: ignore[arg-type]  # only touched/wanted are called
+
+
 async def test_hold_answers_once_warm_and_bounds_how_many_wait() -> None:
     machine = warming()
-    gate = Gate(dataclasses.replace(GateConfig(), policy="hold", max_held=2), machine, Metrics())
+    gate = gate_for(dataclasses.replace(GateConfig(), policy="hold", max_held=2), machine)
     held = [asyncio.create_task(gate(CALL, upstream)) for _ in range(2)]
     await asyncio.sleep(0)  # let both reach the gate (no timing involved: they wait on the state)
     assert gate.held == 2 and not any(t.done() for t in held)
@@ -53,13 +80,13 @@ async def test_hold_answers_once_warm_and_bounds_how_many_wait() -> None:
 
 
 async def test_hold_times_out_into_forwarding() -> None:
-    gate = Gate(dataclasses.replace(GateConfig(), policy="hold", hold_timeout=0.05), warming(), Metrics())
+    gate = gate_for(dataclasses.replace(GateConfig(), policy="hold", hold_timeout=0.05), warming())
     assert (await gate(CALL, upstream)).status == 200
 
 
 async def test_reject_while_warming_forward_when_warm() -> None:
     machine = warming()
-    gate = Gate(dataclasses.replace(GateConfig(), policy="reject"), machine, Metrics())
+    gate = gate_for(dataclasses.replace(GateConfig(), policy="reject"), machine)
     with pytest.raises(Overloaded, match="warming, not warm yet"):
         await gate(CALL, upstream)
     machine.to(State.WARM, "test")
@@ -108,7 +135,7 @@ async def test_a_rewarm_of_a_warm_pod_leaves_it_and_its_models_ready(tmp_path: P
     machine.to(State.WARM, "test")
     book = ModelBook(lambda: machine.state in (State.WARMING, State.WARM))
     book.set("m", ModelState.WARM)
-    gate = Gate(dataclasses.replace(GateConfig(), policy="reject"), machine, Metrics(), book)
+    gate = gate_for(dataclasses.replace(GateConfig(), policy="reject"), machine, book)
     outcomes: list[str] = []
     warmer, store = _warmer_for(tmp_path, machine, book, gate, outcomes)
     await _record(store)
@@ -123,7 +150,7 @@ async def test_a_rewarm_of_a_warm_pod_leaves_it_and_its_models_ready(tmp_path: P
 async def test_a_warm_up_after_a_restart_still_gates_each_model_until_warm(tmp_path: Path) -> None:
     machine = warming()  # the model server came back: the pod warms again from WARMING
     book = ModelBook(lambda: machine.state in (State.WARMING, State.WARM))
-    gate = Gate(dataclasses.replace(GateConfig(), policy="reject"), machine, Metrics(), book)
+    gate = gate_for(dataclasses.replace(GateConfig(), policy="reject"), machine, book)
     outcomes: list[str] = []
     warmer, store = _warmer_for(tmp_path, machine, book, gate, outcomes)
     await _record(store)
@@ -140,7 +167,7 @@ async def test_a_rewarm_finishes_a_model_a_finished_warm_up_left_not_warm(tmp_pa
     machine.to(State.WARM, "test")
     book = ModelBook(lambda: machine.state in (State.WARMING, State.WARM))
     book.set("m", ModelState.WARMING, "not converged")
-    gate = Gate(dataclasses.replace(GateConfig(), policy="reject"), machine, Metrics(), book)
+    gate = gate_for(dataclasses.replace(GateConfig(), policy="reject"), machine, book)
     outcomes: list[str] = []
     warmer, store = _warmer_for(tmp_path, machine, book, gate, outcomes)
     await _record(store)

@@ -20,9 +20,9 @@ from hypothesis import strategies as st
 from tritonclient.grpc import _utils as grpc_utils
 from tritonclient.grpc import service_pb2
 
-from sidecar.cache.keys import cache_key
 from sidecar.errors import DecodeError
 from sidecar.front.grpc_stream import stream_error, stream_response
+from sidecar.identity import cache_key
 from sidecar.protocols import kserve_grpc, kserve_http, tfserving_grpc
 from sidecar.protocols.request import (
     InferenceRequest,

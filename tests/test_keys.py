@@ -7,7 +7,7 @@ import dataclasses
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sidecar.cache.keys import batch_size, cache_key, request_key, shape_signature
+from sidecar.identity import batch_size, cache_key, request_key, shape_signature
 from sidecar.protocols import kserve_http
 from sidecar.protocols.request import InferenceRequest, Protocol, Tensor, freeze_params
 from tests.strategies import inference_requests

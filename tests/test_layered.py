@@ -9,7 +9,6 @@ operator's model is never unloaded; idle models the sidecar loaded are unloaded 
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import shutil
 from collections.abc import Iterator
@@ -20,13 +19,10 @@ import orjson
 import pytest
 from tritonclient.grpc import service_pb2
 
-from sidecar.cache.keys import request_key
-from sidecar.protocols import kserve_http
 from sidecar.protogen.grpc.health.v1 import health_pb2
-from sidecar.warmup import payload
-from sidecar.warmup.store import Sample, StoreLimits, open_store
 from tests.servers import TritonServer, wait_until
 from tests.sidecar_proc import SidecarProcess, http_status
+from tests.traffic import recorded_store
 from tests.wire import exchange
 
 JSON = {"Content-Type": "application/json"}
@@ -49,19 +45,9 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> str:
     """Traffic memory as another replica left it: three models, 70/20/10 of the calls."""
+    # Each payload under its own request's key: warm-up replays nothing else.
     path = str(tmp_path_factory.mktemp("layered-store") / "traffic.db")
-
-    async def fill() -> None:
-        traffic = open_store(path, StoreLimits())
-        # Each payload under its own request's key: warm-up replays nothing else.
-        requests = [kserve_http.decode_request(m, "", body(), None) for m in SHARES]
-        await traffic.add([Sample(m, request_key(r), "INPUT0:FP32[1,64]", 1, n,
-                                  payload.encode(payload.RecordedCall.canonical(r)))
-                           for (m, n), r in zip(SHARES.items(), requests, strict=True)])
-        await traffic.close()
-
-    asyncio.run(fill())
-    return path
+    return recorded_store(path, {m: (body(), n) for m, n in SHARES.items()})
 
 
 @pytest.fixture()

@@ -159,8 +159,8 @@ def test_an_unwritable_store_is_one_line_and_exit_2(tmp_path: Path) -> None:
 
 
 async def test_a_model_without_a_batch_dimension_shows_no_batch_size(tmp_path: Path) -> None:
-    from sidecar.cache.keys import request_key
     from sidecar.config import load
+    from sidecar.identity import request_key
     from sidecar.protocols import kserve_http
 
     body = orjson.dumps({"inputs": [{"name": "X", "shape": [4, 2], "datatype": "FP32", "data": [1] * 8}]})

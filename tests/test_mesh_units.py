@@ -269,9 +269,9 @@ async def sidecar(tmp_path: Path) -> AsyncIterator[Sidecar]:
                         "mesh.agent_listen": f"{HOST}:{agent_port}", "mesh.degraded_while_warming": "true",
                         "limits.decode_workers": "0"})
     app = Sidecar(cfg)
-    await app.data_port.listen(HOST, data)  # no upstream monitor: the test moves the state machine
-    assert app.agent is not None
-    await app.agent.start()
+    await app.data.data_port.listen(HOST, data)  # no upstream monitor: the test moves the state machine
+    assert app.control.agent is not None
+    await app.control.agent.start()
     app.metrics.known_models.add("m")
     try:
         yield app
@@ -301,29 +301,29 @@ def _metric(app: Sidecar, line_start: str) -> float:
 
 
 async def test_readyz_degraded_while_warming_and_failing_fast_while_draining(sidecar: Sidecar) -> None:
-    machine = sidecar.machine
-    answer = await sidecar.admin.readyz(None)  # type: ignore[arg-type]
+    machine = sidecar.control.machine
+    answer = await sidecar.control.admin.readyz(None)  # type: ignore[arg-type]
     assert answer.status == 503 and "x-envoy-degraded" not in answer.headers
     machine.to(State.WARMING, "test")
-    answer = await sidecar.admin.readyz(None)  # type: ignore[arg-type]
+    answer = await sidecar.control.admin.readyz(None)  # type: ignore[arg-type]
     assert answer.status == 200 and answer.headers["x-envoy-degraded"] == "true"
     assert _metric(sidecar, "sidecar_warm_capacity") == 0.0
     machine.progress = 0.5
     assert _metric(sidecar, "sidecar_warm_capacity") == 0.5
     machine.to(State.WARM, "test")
-    answer = await sidecar.admin.readyz(None)  # type: ignore[arg-type]
+    answer = await sidecar.control.admin.readyz(None)  # type: ignore[arg-type]
     assert answer.status == 200 and "x-envoy-degraded" not in answer.headers
     assert "x-envoy-immediate-health-check-fail" not in answer.headers
     assert _metric(sidecar, "sidecar_warm_capacity") == 1.0
     machine.to(State.DRAINING, "test")
-    answer = await sidecar.admin.readyz(None)  # type: ignore[arg-type]
+    answer = await sidecar.control.admin.readyz(None)  # type: ignore[arg-type]
     assert answer.status == 503 and answer.headers["x-envoy-immediate-health-check-fail"] == "true"
     assert _metric(sidecar, "sidecar_warm_capacity") == 0.0
 
 
 async def test_data_port_orca_report_drain_header_and_queue_depth(sidecar: Sidecar) -> None:
-    port = sidecar.data_port._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    machine = sidecar.machine
+    port = sidecar.data.data_port._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    machine = sidecar.control.machine
     machine.to(State.WARMING, "test")
     machine.progress = 0.5
     # A health path answered by the sidecar itself (not ready yet): no ORCA unless asked.
@@ -342,8 +342,8 @@ async def test_data_port_orca_report_drain_header_and_queue_depth(sidecar: Sidec
         for _ in range(2)]
     await wait_until_async(_async(lambda: _metric(sidecar, 'sidecar_queue_depth{model="m"}') == 2), 10, "queued")
     assert _metric(sidecar, 'sidecar_model_requests_per_second{model="m"}') > 0
-    assert sidecar.agent is not None and sidecar.agent.port is not None
-    assert await asyncio.to_thread(_agent_line, sidecar.agent.port) == b"up ready 50%\n"
+    assert sidecar.control.agent is not None and sidecar.control.agent.port is not None
+    assert await asyncio.to_thread(_agent_line, sidecar.control.agent.port) == b"up ready 50%\n"
 
     # Draining releases them (the model server is gone: 502), each answer telling Envoy to stop now.
     machine.to(State.DRAINING, "test")

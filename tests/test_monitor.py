@@ -11,8 +11,8 @@ import contextlib
 from typing import Any
 
 from sidecar.config import UpstreamConfig
+from sidecar.control.monitor import Health, UpstreamMonitor, available_versions, ready_versions
 from sidecar.errors import UpstreamUnavailable
-from sidecar.health import Health, UpstreamMonitor, available_versions, ready_versions
 from sidecar.metrics import Metrics
 from sidecar.state import State, StateMachine
 from sidecar.upstream.http import HttpUpstream

@@ -11,19 +11,21 @@ import orjson
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sidecar.cache.keys import batch_size, is_stateful, request_key, shape_signature
+from sidecar.calls import Call, GrpcWire, HttpAnswer, HttpWire, Reply
 from sidecar.config import RecordConfig, load
+from sidecar.control.warmer import own_headers
 from sidecar.errors import DecodeError
+from sidecar.identity import batch_size, is_stateful, request_key, shape_signature
 from sidecar.metrics import Metrics
 from sidecar.pipeline.recorder import Recorder
-from sidecar.pipeline.stage import Call, GrpcWire, HttpAnswer, HttpWire, Reply
+from sidecar.pipeline.stage import Next
 from sidecar.protocols import dispatch, kserve_grpc, kserve_http, tfserving_grpc, tfserving_rest
 from sidecar.protocols.request import InferenceRequest, Protocol, Tensor, freeze_params
 from sidecar.warmup import payload
 from sidecar.warmup.planner import Planner, secret_headers
+from sidecar.warmup.recording import TrafficRecorder
 from sidecar.warmup.replayer import Replayer
 from sidecar.warmup.store import Sample, StoreLimits, TrafficStore, open_store
-from sidecar.warmup.warmer import own_headers
 from tests.strategies import tensor_data
 
 JSON = ((b"Content-Type", b"application/json"),)
@@ -43,11 +45,31 @@ def answer(status: int) -> object:
     return next_
 
 
-def recorder(tmp_path: Path, **cfg: object) -> tuple[Recorder, TrafficStore, Metrics]:
+class Recording:
+    """The recorder stage of a data plane, with the control plane's traffic recorder behind it (one process)."""
+
+    def __init__(self, traffic: TrafficRecorder) -> None:
+        self.traffic = traffic
+        self.stage = Recorder(self)  # type: ignore[arg-type]  # the stage only calls seen()
+
+    def seen(self, call: Call) -> None:
+        self.traffic.offer(call)
+
+    async def __call__(self, call: Call, next_: Next) -> Reply:
+        return await self.stage(call, next_)
+
+    async def _drain(self) -> None:
+        await self.traffic._drain()
+
+    async def close(self) -> None:
+        await self.traffic.close()
+
+
+def recorder(tmp_path: Path, **cfg: object) -> tuple[Recording, TrafficStore, Metrics]:
     store = open_store(str(tmp_path / "t.db"), StoreLimits())
     metrics = Metrics()
     config = dataclasses.replace(RecordConfig(), **cfg)  # type: ignore[arg-type]
-    return Recorder(config, store, metrics, capacity=64), store, metrics
+    return Recording(TrafficRecorder(config, store, metrics, capacity=64)), store, metrics
 
 
 async def test_counts_shapes_and_payloads_reach_the_store(tmp_path: Path) -> None:
@@ -127,7 +149,7 @@ async def test_memory_between_flushes_is_bounded_by_the_sketch(tmp_path: Path) -
     for i in range(500):  # 500 distinct calls, capacity 64, no flush in between
         await rec(call("m", float(i)), answer(200))  # type: ignore[arg-type]
         await rec._drain()
-    memory = rec._models["m"]
+    memory = rec.traffic._models["m"]
     assert len(memory.meta) <= 64 and set(memory.meta) == {k for k, _, _ in memory.sketch.items()}
     await rec.close()
     await store.close()
@@ -253,7 +275,7 @@ def older_payloads(sent: list[Sent]) -> list[Sample]:
 async def record_and_replay(sent: list[Sent], directory: str) -> None:
     store = open_store(f"{directory}/t.db", StoreLimits())
     metrics = Metrics()
-    rec = Recorder(CONFIG.record, store, metrics, capacity=64, secret_headers=secret_headers(CONFIG))
+    rec = Recording(TrafficRecorder(CONFIG.record, store, metrics, capacity=64, secret_headers=secret_headers(CONFIG)))
     for s in sent:
         await rec(s.call, answer(200))  # type: ignore[arg-type]
     await rec.close()

@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 
 from sidecar.errors import ConfigError
-from sidecar.warmup.store import RESCALE_AFTER, Sample, StoreLimits, TrafficStore, open_store, redact_url
+from sidecar.redis.client import RedisClients
+from sidecar.redis.urls import redact as redact_url
+from sidecar.warmup.store import RESCALE_AFTER, Sample, StoreLimits, TrafficStore, open_store
 from tests.servers import RedisServer
 
 HALF_LIFE = 100.0
@@ -128,7 +130,9 @@ async def test_payloads_expire_when_not_seen_for_the_ttl(opener: Opener) -> None
 
 
 async def test_redis_down_means_no_memory_never_an_error(redis: RedisServer) -> None:
-    store = open_store(redis.url, StoreLimits(namespace=f"down-{uuid.uuid4().hex[:8]}"))
+    # The sidecar's Redis client layer, its breaker's cooldown at 0: once Redis is back the next call probes it.
+    clients = RedisClients(failures=3, cooldown=0.0)
+    store = open_store(redis.url, StoreLimits(namespace=f"down-{uuid.uuid4().hex[:8]}"), redis=clients)
     try:
         await store.add([sample("a", 1)])
         assert await weights(store) == {"a": 1.0}
@@ -141,6 +145,7 @@ async def test_redis_down_means_no_memory_never_an_error(redis: RedisServer) -> 
         assert await weights(store) == {"c": 1.0}
     finally:
         await store.close()
+        await clients.close()
         if not redis.running:
             redis.start()
 

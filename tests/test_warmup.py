@@ -20,7 +20,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from sidecar.cache.keys import request_key, shape_signature
+from sidecar.identity import request_key, shape_signature
 from sidecar.protocols import kserve_http, tfserving_rest
 from sidecar.warmup.export import from_tfserving_warmup, to_tfserving_warmup
 from sidecar.warmup.store import Sample, StoreLimits, open_store

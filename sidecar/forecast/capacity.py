@@ -28,7 +28,7 @@ MIN_MISS_SHARE = 0.05
 
 
 class LatencySource(Protocol):
-    """What :class:`sidecar.pipeline.latency.LatencyModel` offers: seconds per batch size seen."""
+    """What :class:`sidecar.latency.LatencyModel` offers: seconds per batch size seen."""
 
     def known(self, model: str) -> dict[int, float]: ...
 

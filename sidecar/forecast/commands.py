@@ -23,8 +23,11 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from ..config import ForecastConfig
 from ..errors import ConfigError
-from .config import ForecastConfig
+from ..redis.breaker import Breaker
+from ..redis.client import RedisClient
+from ..redis.urls import is_redis, redact
 from .csvio import CsvError, Rows, parse_minute, read_rows, write_rows
 from .history import DAY_MINUTES, History, HistoryLimits, MinuteSeries
 from .history_redis import RedisHistory
@@ -32,7 +35,6 @@ from .history_sqlite import SQLiteHistory
 
 __all__ = ["add_parser", "export_csv", "history_location", "import_rows", "load_rows", "open_history", "run"]
 
-REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 IMPORT_CHUNK = 50_000  # rows per write while importing (one transaction / one pipeline each)
 EXIT_USAGE = 2
 Clock = Callable[[], float]
@@ -42,7 +44,7 @@ def history_location(cfg: ForecastConfig, traffic_store: str) -> str:
     """``forecast.store``, or else the traffic store's Redis, or history.db beside its SQLite file."""
     if cfg.store:
         return cfg.store
-    if traffic_store.lower().startswith(REDIS_SCHEMES):
+    if is_redis(traffic_store):
         return traffic_store
     return str(Path(traffic_store).with_name("history.db"))
 
@@ -56,20 +58,17 @@ def open_history(cfg: ForecastConfig, location: str, *, client: Any = None, reco
     """The history at ``location``. A Redis location uses ``client`` (the sidecar's shared client) when
     given; otherwise the caller must close the client this opens (``history_client``)."""
     limits = limits_from(cfg)
-    if location.lower().startswith(REDIS_SCHEMES):
+    if is_redis(location):
         if client is None:
             raise ValueError("a Redis history needs a client: open one with history_client()")
-        from ..warmup.store import redact_url
-
-        return RedisHistory(client, limits, clock=clock, label=f"redis {redact_url(location)}", recording=recording)
+        return RedisHistory(client, limits, clock=clock, label=f"redis {redact(location)}", recording=recording)
     return SQLiteHistory(location, limits, clock=clock, recording=recording)
 
 
-def history_client(location: str) -> Any:
-    import redis.asyncio as aioredis
-
+def history_client(location: str) -> RedisClient:
+    """A client of its own for the offline commands (an import writes large pipelines: long socket timeouts)."""
     try:
-        return aioredis.Redis.from_url(location, socket_connect_timeout=2.0, socket_timeout=30.0)
+        return RedisClient(location, Breaker(3, 2.0), connect_timeout=2.0, socket_timeout=30.0)
     except ValueError as error:
         raise ConfigError(f"forecast history: unusable Redis URL: {error}") from None
 
@@ -133,9 +132,10 @@ async def _with_history(cfg: ForecastConfig, traffic_store: str, clock: Clock,
     location = history_location(cfg, traffic_store)
     async with AsyncExitStack() as stack:
         client = None
-        if location.lower().startswith(REDIS_SCHEMES):
-            client = history_client(location)
-            stack.push_async_callback(client.aclose)
+        if is_redis(location):
+            own = history_client(location)
+            stack.push_async_callback(own.close)
+            client = own.redis
         history = open_history(cfg, location, client=client, recording=False, clock=clock)
         stack.push_async_callback(history.close)
         return await job(history)

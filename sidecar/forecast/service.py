@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .config import ForecastConfig
+from ..config import ForecastConfig
 from .history import DAY_MINUTES, History
 from .lead import LeadSamples, LeadTime, lead_time
 from .model import Forecast, ForecastError, ModelSettings, backtest, forecast, lookback

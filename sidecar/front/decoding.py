@@ -20,8 +20,8 @@ import multiprocessing
 import os
 from concurrent.futures.process import BrokenProcessPool
 
+from ..calls import Memo
 from ..errors import DecodeError
-from ..pipeline.stage import Memo
 from ..protocols import dispatch
 
 log = logging.getLogger("sidecar.decode")

@@ -10,7 +10,6 @@ already taken is an error at start, as for HTTP.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Coroutine
 from typing import Any
 
 import grpc
@@ -18,47 +17,36 @@ import grpc.aio
 
 from ..config import Config
 from ..errors import ConfigError
-from ..health import UpstreamMonitor
-from ..loading.book import ModelBook
-from ..mesh.load import LoadTracker
 from ..metrics import Metrics
-from ..pipeline.stage import Next
-from ..protocols import forwarded
-from ..state import StateMachine
-from ..upstream.grpc import GrpcUpstream
+from ..planes import View
 from ..upstream.models import ModelCatalog
-from .grpc_edge import Edge
+from .edge import Edge
 from .grpc_health import SERVICE as HEALTH_SERVICE
 from .grpc_health import HealthService
 from .grpc_kserve import SERVICE as KSERVE_SERVICE
 from .grpc_kserve import KServeService
+from .grpc_rpc import Rpcs
 from .grpc_tfserving import TfServingService
 
 log = logging.getLogger("sidecar.grpc")
 
 
 class GrpcFront:
-    def __init__(self, cfg: Config, pipeline: Next, upstream: GrpcUpstream, machine: StateMachine, metrics: Metrics,
-                 catalog: ModelCatalog, monitor: UpstreamMonitor, load: LoadTracker,
-                 on_upstream_down: Callable[[], None] | None = None,
-                 on_model_reload: Callable[[str], Coroutine[Any, Any, object]] | None = None,
-                 book: ModelBook | None = None, rules: forwarded.Rules | None = None,
-                 on_rules_changed: Callable[[], None] | None = None) -> None:
+    def __init__(self, cfg: Config, edge: Edge, view: View, metrics: Metrics, catalog: ModelCatalog) -> None:
         self.cfg = cfg
-        self.edge = Edge(cfg, pipeline, upstream, machine, metrics, load, on_upstream_down, rules, on_rules_changed)
-        # Per-model readiness (the model book) for ModelReady and the health service's model names.
-        self.health = HealthService(machine, monitor, metrics, cfg.upstream.models, book)
-        self.kserve = KServeService(self.edge, catalog, metrics, on_model_reload)
-        self.kserve.book = book
-        self.tfserving = TfServingService(self.edge, metrics)
+        self.rpcs = Rpcs(cfg, edge, view, metrics)
+        # Per-model readiness (the control plane's model book, in the snapshot) for ModelReady and health.
+        self.health = HealthService(view, metrics, cfg.upstream.models)
+        self.kserve = KServeService(self.rpcs, view, catalog, metrics)
+        self.tfserving = TfServingService(self.rpcs, view, metrics)
         self.server: Any = None
 
     def __repr__(self) -> str:
-        return f"<GrpcFront {self.cfg.grpc_listen} {self.edge!r}>"
+        return f"<GrpcFront {self.cfg.grpc_listen} {self.rpcs!r}>"
 
     @property
     def in_flight(self) -> int:
-        return self.edge.in_flight
+        return self.rpcs.in_flight
 
     async def start(self) -> None:
         """Listen on ``grpc_listen``; ConfigError when the port cannot be had."""

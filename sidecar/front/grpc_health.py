@@ -20,12 +20,11 @@ from collections.abc import AsyncIterator, Iterable
 
 import grpc
 
-from ..health import UpstreamMonitor
-from ..loading.book import ModelBook
 from ..metrics import Metrics
+from ..planes import Snapshot, View
 from ..protogen.grpc.health.v1 import health_pb2
-from ..state import State, StateMachine
-from .grpc_edge import Context
+from ..state import State
+from .grpc_rpc import Context
 
 SERVICE = "grpc.health.v1.Health"
 Status = health_pb2.HealthCheckResponse.ServingStatus
@@ -37,22 +36,16 @@ _LIST_MAX = 100  # the protocol's bound on List's answer
 
 
 class HealthService:
-    def __init__(self, machine: StateMachine, monitor: UpstreamMonitor, metrics: Metrics,
-                 configured_models: Iterable[str] = (), book: ModelBook | None = None) -> None:
-        self.machine = machine
-        self.book = book or ModelBook()
-        self.monitor = monitor
+    def __init__(self, view: View, metrics: Metrics, configured_models: Iterable[str] = ()) -> None:
+        self.view = view
         self.metrics = metrics
         self.known: set[str] = set(configured_models)
-        self._loaded: frozenset[tuple[str, str]] | None = None
         self._wake = asyncio.Event()
         self._closing = False
-        machine.subscribe(lambda _state: self._notify())
-        self.book.subscribe(self._notify)
-        monitor.subscribe(self._observe_loaded, lambda: None)
+        view.subscribe(self._changed)
 
     def __repr__(self) -> str:
-        return f"<HealthService {self.machine.state} models={len(self.known)}>"
+        return f"<HealthService {self.view.snapshot.state} models={len(self.known)}>"
 
     def handlers(self) -> dict[str, grpc.RpcMethodHandler]:
         return {"Check": grpc.unary_unary_rpc_method_handler(self.check),
@@ -68,26 +61,25 @@ class HealthService:
 
     def status(self, service: str) -> Status | None:
         """The serving status of ``service``; None when the name is unknown."""
-        ready = self.machine.ready
+        snapshot = self.view.snapshot
+        ready = snapshot.ready
         if service in ("", "readiness"):
             return SERVING if ready else NOT_SERVING
         if service == "liveness":
-            return NOT_SERVING if self.machine.state is State.DRAINING else SERVING
-        tracked = self.book.ready(service)  # a model the sidecar tracks follows its own state
+            return NOT_SERVING if snapshot.state is State.DRAINING else SERVING
+        tracked = snapshot.model_ready(service)  # a model the sidecar tracks follows its own state
         if tracked is not None:
             return SERVING if tracked else NOT_SERVING
-        loaded = self.monitor.loaded or frozenset()
-        if any(model == service for model, _ in loaded):
+        if any(model == service for model, _ in snapshot.loaded or ()):
             return SERVING if ready else NOT_SERVING
-        if service in self.known or service in self.metrics.known_models:
+        if service in self.known or service in snapshot.known_models or service in self.metrics.known_models:
             return NOT_SERVING
         return None
 
-    def _observe_loaded(self, loaded: frozenset[tuple[str, str]]) -> None:
-        if loaded != self._loaded:
-            self._loaded = loaded
-            self.known.update(model for model, _ in loaded)
-            self._notify()
+    def _changed(self, previous: Snapshot, current: Snapshot) -> None:
+        if current.loaded is not None:
+            self.known.update(model for model, _ in current.loaded)
+        self._notify()
 
     def _notify(self) -> None:
         self._wake.set()
@@ -104,8 +96,9 @@ class HealthService:
         return bytes(health_pb2.HealthCheckResponse(status=status).SerializeToString())
 
     async def list(self, message: bytes, context: Context) -> bytes:
-        names = [*_OVERALL, *sorted(self.known | self.metrics.known_models | {m for m, _ in self.monitor.loaded
-                                                                               or ()})]
+        snapshot = self.view.snapshot
+        names = [*_OVERALL, *sorted(self.known | self.metrics.known_models | snapshot.known_models
+                                    | {m for m, _ in snapshot.loaded or ()})]
         if len(names) > _LIST_MAX:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{len(names)} services, more than "
                                 f"{_LIST_MAX}")

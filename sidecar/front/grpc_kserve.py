@@ -8,7 +8,6 @@ through as raw bytes, its kind (unary or streaming) read from Triton's service d
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
@@ -17,12 +16,12 @@ from google.protobuf.message import DecodeError as ProtobufDecodeError
 from tritonclient.grpc import service_pb2
 
 from ..errors import DecodeError
-from ..loading.book import ModelBook
 from ..metrics import Metrics
+from ..planes import View
 from ..protocols import kserve_grpc
 from ..protocols.request import InferenceRequest, Protocol
 from ..upstream.models import ModelCatalog
-from .grpc_edge import Context, Edge, Rpc
+from .grpc_rpc import Context, Rpc, Rpcs
 from .grpc_stream import StreamSession
 
 SERVICE = kserve_grpc.SERVICE
@@ -32,21 +31,16 @@ _LABELS = {"ServerLive": "health", "ServerReady": "health", "ModelReady": "healt
            "RepositoryIndex": "repository", "RepositoryModelLoad": "repository",
            "RepositoryModelUnload": "repository", "ModelInfer": "infer", "ModelStreamInfer": "infer"}
 
-OnReload = Callable[[str], Coroutine[Any, Any, object]]
-
-
 def method_label(name: str) -> str:
     return _LABELS.get(name, "other")
 
 
 class KServeService:
-    def __init__(self, edge: Edge, catalog: ModelCatalog, metrics: Metrics, on_model_reload: OnReload | None) -> None:
-        self.book: ModelBook | None = None  # per-model readiness, when the composition root provides it
-        self.edge = edge
+    def __init__(self, rpcs: Rpcs, view: View, catalog: ModelCatalog, metrics: Metrics) -> None:
+        self.rpcs = rpcs
+        self.view = view
         self.catalog = catalog
         self.metrics = metrics
-        self.on_model_reload = on_model_reload
-        self._background: set[asyncio.Task[object]] = set()
 
     def handlers(self) -> dict[str, grpc.RpcMethodHandler]:
         special = {"ModelInfer": self.model_infer, "ServerReady": self.server_ready, "ModelReady": self.model_ready,
@@ -56,74 +50,75 @@ class KServeService:
         for m in service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods:
             label = method_label(m.name)
             if m.name == "ModelStreamInfer":
-                out[m.name] = self.edge.streaming(label, True, self.stream_infer, method=m.name)
+                out[m.name] = self.rpcs.streaming(label, True, self.stream_infer, method=m.name)
             elif m.name in special:
-                out[m.name] = self.edge.unary(label, special[m.name], method=m.name)
+                out[m.name] = self.rpcs.unary(label, special[m.name], method=m.name)
             else:
-                out[m.name] = relay_handler(self.edge, f"/{SERVICE}/{m.name}", label, m.client_streaming,
+                out[m.name] = relay_handler(self.rpcs, f"/{SERVICE}/{m.name}", label, m.client_streaming,
                                             m.server_streaming)
         return out
 
     # -- inference -------------------------------------------------------------------------------------
 
-    def decode(self, message: bytes) -> tuple[InferenceRequest, bool]:
+    def decode(self, message: bytes) -> tuple[InferenceRequest | None, InferenceRequest]:
+        """(the canonical request, or None when the codec cannot model it; the request that names the call)."""
         try:
-            return kserve_grpc.decode_request(message), True
+            request = kserve_grpc.decode_request(message)
+            return request, request
         except DecodeError:
             # Valid or not, the model server answers it as it always does; the sidecar stays out of the way.
             self.metrics.unmodelled.labels(Protocol.KSERVE_GRPC.value).inc()
-            return InferenceRequest(Protocol.KSERVE_GRPC, kserve_grpc.model_of(message)), False
+            return None, InferenceRequest(Protocol.KSERVE_GRPC, kserve_grpc.model_of(message))
 
     async def model_infer(self, message: bytes, context: Context, rpc: Rpc) -> bytes:
-        request, modelled = self.decode(message)
-        rpc.model = request.model
-        call = self.edge.call(rpc, request, modelled, kserve_grpc.MODEL_INFER, message)
-        answer, rpc.cache = await self.edge.infer(call, kserve_grpc.encode_response)
-        return await self.edge.answer(context, rpc, answer)
+        request, named = self.decode(message)
+        rpc.model = named.model
+        call = self.rpcs.call(rpc, request, named, kserve_grpc.MODEL_INFER, message)
+        answer, rpc.cache = await self.rpcs.infer(call, kserve_grpc.encode_response)
+        return await self.rpcs.answer(context, rpc, answer)
 
     def stream_infer(self, requests: AsyncIterator[bytes], context: Context, rpc: Rpc) -> AsyncIterator[bytes]:
-        return StreamSession(self, context, rpc).run(requests)
+        return StreamSession(self.rpcs, self.decode, self.catalog, context, rpc).run(requests)
 
     # -- readiness from the state machine -----------------------------------------------------------------
 
     def _model_ready(self, message: bytes) -> bool:
+        snapshot = self.view.snapshot
         try:
             name = service_pb2.ModelReadyRequest.FromString(message).name
         except ProtobufDecodeError:
-            return self.edge.machine.ready  # the server answers a malformed request its own way
-        tracked = self.book.ready(name) if self.book is not None else None
-        return self.edge.machine.ready if tracked is None else tracked
+            return snapshot.ready  # the server answers a malformed request its own way
+        tracked = snapshot.model_ready(name)
+        return snapshot.ready if tracked is None else tracked
 
     async def server_ready(self, message: bytes, context: Context, rpc: Rpc) -> bytes:
-        if not self.edge.machine.ready:
+        if not self.view.snapshot.ready:
             rpc.status = 200
-            await self.edge.send_metadata(context, rpc)
+            await self.rpcs.send_metadata(context, rpc)
             return _NOT_READY
-        return await self.edge.relay(f"/{SERVICE}/ServerReady", message, context, rpc)
+        return await self.rpcs.relay(f"/{SERVICE}/ServerReady", message, context, rpc)
 
     async def model_ready(self, message: bytes, context: Context, rpc: Rpc) -> bytes:
         """A model the sidecar tracks follows its own state (warm or not), others the pod's."""
         if not self._model_ready(message):
             rpc.status = 200
-            await self.edge.send_metadata(context, rpc)
+            await self.rpcs.send_metadata(context, rpc)
             return _NOT_READY
-        return await self.edge.relay(f"/{SERVICE}/ModelReady", message, context, rpc)
+        return await self.rpcs.relay(f"/{SERVICE}/ModelReady", message, context, rpc)
 
     # -- the repository API: a model loaded or unloaded here loses its cached answers ------------------------
 
     def _repository(self, name: str) -> Callable[[bytes, Context, Rpc], Coroutine[Any, Any, bytes]]:
         async def run(message: bytes, context: Context, rpc: Rpc) -> bytes:
-            answer = await self.edge.fetch(f"/{SERVICE}/{name}", message, rpc)
-            if answer.code == "OK" and self.on_model_reload is not None:
-                task = asyncio.get_running_loop().create_task(self.on_model_reload(_model_name(name, message)))
-                self._background.add(task)
-                task.add_done_callback(self._background.discard)
-            return await self.edge.answer(context, rpc, answer)
+            answer = await self.rpcs.fetch(f"/{SERVICE}/{name}", message, rpc)
+            if answer.code == "OK":
+                self.rpcs.edge.model_changed(_model_name(name, message))
+            return await self.rpcs.answer(context, rpc, answer)
 
         return run
 
 
-def relay_handler(edge: Edge, method: str, label: str, client_streaming: bool,
+def relay_handler(rpcs: Rpcs, method: str, label: str, client_streaming: bool,
                   server_streaming: bool) -> grpc.RpcMethodHandler:
     """A pass-through handler of the method's own kind (read from the service descriptor)."""
     name = method.rsplit("/", 1)[-1]
@@ -132,18 +127,18 @@ def relay_handler(edge: Edge, method: str, label: str, client_streaming: bool,
 
         async def one(request: Any, context: Context, rpc: Rpc) -> bytes:
             if not kind:
-                return await edge.relay(method, request, context, rpc)
-            async for response in edge.relay_stream(method, kind, request, context, rpc):
+                return await rpcs.relay(method, request, context, rpc)
+            async for response in rpcs.relay_stream(method, kind, request, context, rpc):
                 return response
             raise AssertionError("a client-streaming call ends with one response")
 
-        return edge.unary(label, one, client_streaming, method=name)
+        return rpcs.unary(label, one, client_streaming, method=name)
     kind = "stream_stream" if client_streaming else "unary_stream"
 
     def many(request: Any, context: Context, rpc: Rpc) -> AsyncIterator[bytes]:
-        return edge.relay_stream(method, kind, request, context, rpc)
+        return rpcs.relay_stream(method, kind, request, context, rpc)
 
-    return edge.streaming(label, client_streaming, many, method=name)
+    return rpcs.streaming(label, client_streaming, many, method=name)
 
 
 def _model_name(method: str, message: bytes) -> str:

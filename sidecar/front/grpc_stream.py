@@ -21,22 +21,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import grpc.aio
 
-from ..cache.keys import is_stateful
+from ..calls import Call, GrpcAnswer
 from ..errors import SidecarError
+from ..identity import is_stateful
 from ..logs import where
-from ..pipeline.stage import Call, GrpcAnswer
 from ..protocols import kserve_grpc
 from ..protocols.protowire import length_field
-from ..protocols.request import Protocol
-from .grpc_edge import Context, Rpc
+from ..protocols.request import InferenceRequest, Protocol
+from ..upstream.models import ModelCatalog
+from .grpc_rpc import Context, Rpc, Rpcs
 
-if TYPE_CHECKING:
-    from .grpc_kserve import KServeService
+# The codec's reading of a ModelInferRequest: (the request, or None when not modelled; what names it).
+Decode = Callable[[bytes], tuple[InferenceRequest | None, InferenceRequest]]
 
 log = logging.getLogger("sidecar.grpc")
 STREAM_INFER = f"/{kserve_grpc.SERVICE}/ModelStreamInfer"
@@ -46,9 +47,10 @@ _Item = bytes | GrpcAnswer | Exception | None
 
 
 class StreamSession:
-    def __init__(self, service: KServeService, context: Context, rpc: Rpc) -> None:
-        self.service = service
-        self.edge = service.edge
+    def __init__(self, rpcs: Rpcs, decode: Decode, catalog: ModelCatalog, context: Context, rpc: Rpc) -> None:
+        self.rpcs = rpcs
+        self.decode = decode
+        self.catalog = catalog
         self.context = context
         self.rpc = rpc
         self.out: asyncio.Queue[_Item] = asyncio.Queue()
@@ -61,14 +63,14 @@ class StreamSession:
         return f"<StreamSession {self.rpc.request_id} pending={len(self.tasks)} upstream={self.upstream is not None}>"
 
     async def run(self, requests: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-        await self.edge.send_metadata(self.context, self.rpc)
+        await self.rpcs.send_metadata(self.context, self.rpc)
         reader = asyncio.get_running_loop().create_task(self._read(requests))
         try:
             while (item := await self.out.get()) is not None:
                 if isinstance(item, Exception):
                     raise item
                 if isinstance(item, GrpcAnswer):  # the upstream stream failed: this one fails the same way
-                    await self.edge.answer(self.context, self.rpc, item)
+                    await self.rpcs.answer(self.context, self.rpc, item)
                     return
                 yield item
             await reader
@@ -104,24 +106,25 @@ class StreamSession:
         answered here)."""
         _model, request_id = kserve_grpc.peek(message)
         try:
-            request, modelled = self.service.decode(message)
-            info = await self.service.catalog.info(request.model, Protocol.KSERVE_GRPC)
+            request, named = self.decode(message)
+            info = await self.catalog.info(named.model, Protocol.KSERVE_GRPC)
         except SidecarError as e:  # a shape that would crash the server: answered here, never sent
             self.out.put_nowait(stream_error(e.message, request_id))
             return None
-        if not modelled or info.decoupled or info.max_batch is None or info.sequence_batching or is_stateful(request):
+        ordered = info.decoupled or info.max_batch is None or info.sequence_batching
+        if request is None or ordered or is_stateful(request):
             # A sequence model's calls (sequence_batching) depend on the order they reach it.
             self._send_upstream(message)
             return None
-        call = self.edge.call(self.rpc, request, modelled, kserve_grpc.MODEL_INFER, message)
+        call = self.rpcs.call(self.rpc, request, named, kserve_grpc.MODEL_INFER, message)
         if self.rpc.caller_timeout is None:  # each request of a long stream gets upstream.timeout of its own
-            call.deadline = asyncio.get_running_loop().time() + self.edge.cfg.upstream.timeout
+            call.deadline = asyncio.get_running_loop().time() + self.rpcs.cfg.upstream.timeout
         return call
 
     async def _one(self, call: Call) -> None:
         request_id = call.request.id
         try:
-            answer, _cache = await self.edge.infer(call, kserve_grpc.encode_response)
+            answer, _cache = await self.rpcs.infer(call, kserve_grpc.encode_response)
         except SidecarError as e:
             self.out.put_nowait(stream_error(e.message, request_id))
             return
@@ -135,8 +138,9 @@ class StreamSession:
     def _send_upstream(self, message: bytes) -> None:
         if self.to_upstream is None:
             self.to_upstream = asyncio.Queue()
-            self.upstream = self.edge.upstream.streaming(STREAM_INFER, "stream_stream")(
-                self._outgoing(self.to_upstream), metadata=self.rpc.metadata, timeout=self.rpc.caller_timeout)
+            self.upstream = self.rpcs.edge.relay_grpc_stream(STREAM_INFER, "stream_stream",
+                                                             self._outgoing(self.to_upstream), self.rpc.metadata,
+                                                             self.rpc.caller_timeout)
             self.upstream_reader = asyncio.get_running_loop().create_task(self._incoming(self.upstream))
         self.to_upstream.put_nowait(message)
 
@@ -151,8 +155,8 @@ class StreamSession:
                 self.out.put_nowait(response)
         except grpc.aio.AioRpcError as e:
             try:
-                self.out.put_nowait(self.edge.upstream.error_answer(e, self.rpc.deadline if self.rpc.caller_timeout
-                                                                    is not None else None))
+                deadline = self.rpc.deadline if self.rpc.caller_timeout is not None else None
+                self.out.put_nowait(self.rpcs.edge.grpc_error(e, deadline))
             except SidecarError as err:
                 self.out.put_nowait(err)
 

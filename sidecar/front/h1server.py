@@ -70,13 +70,18 @@ class ServerLimits:
     body_min_rate: int = 1024  # bytes/s; 0: no minimum
     body_min_rate_grace: float = 10.0
     request_timeout: float = 0.0  # 0: none
+    lingering_time: float = 30.0  # 0: close at once after an answer that left the body unread
+    lingering_timeout: float = 5.0
+    lingering_bytes: int = 256 * 1024 * 1024
 
     @classmethod
     def from_config(cls, limits: LimitsConfig, max_connections: int) -> ServerLimits:
         return cls(max_header_bytes=limits.max_header_bytes, header_timeout=limits.header_timeout,
                    body_timeout=limits.body_timeout, keepalive_timeout=limits.keepalive_timeout,
                    max_connections=max_connections, body_min_rate=limits.body_min_rate,
-                   body_min_rate_grace=limits.body_min_rate_grace, request_timeout=limits.request_timeout)
+                   body_min_rate_grace=limits.body_min_rate_grace, request_timeout=limits.request_timeout,
+                   lingering_time=limits.lingering_time, lingering_timeout=limits.lingering_timeout,
+                   lingering_bytes=limits.lingering_bytes)
 
 
 class Body:
@@ -341,6 +346,9 @@ class H1Connection(asyncio.Protocol):
         self._timed_out = False
         self._reason = ""  # why a callback refused the request (llhttp only says "callback error")
         self._raw: _BodyParser | None = None  # an upgrade request's body (llhttp stops at its headers)
+        # Answered with the body unread: what still arrives is read and dropped until then (loop time; 0: not).
+        self._linger_until = 0.0
+        self._lingered = 0
 
     def __repr__(self) -> str:
         return f"<H1Connection queued={len(self.queue)} closed={self.closed}>"
@@ -375,6 +383,9 @@ class H1Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.closed:
+            return
+        if self._linger_until:
+            self._discard(len(data))
             return
         if self._raw is not None:
             self._raw_body(data)
@@ -470,7 +481,10 @@ class H1Connection(asyncio.Protocol):
                 request, responder = self.queue[0]
                 await self._answer(request, responder)
                 self.queue.popleft()
-                if responder.close_after or not request.body.complete or self.closed:
+                if not request.body.complete and not self.closed:
+                    self.linger()
+                    return
+                if responder.close_after or self.closed:
                     self.close()
                     return
                 if self._reading_paused and len(self.queue) <= self.limits.max_pipelined:
@@ -548,6 +562,32 @@ class H1Connection(asyncio.Protocol):
             self.closed = True
             self.transport.close()
 
+    def linger(self) -> None:
+        """The answer is written but the client may still be sending the request it answers. Closing now would
+        let the kernel answer those bytes with a reset that destroys the answer before the client reads it
+        (RFC 9112, 9.6): half-close instead, read and drop what still arrives, bounded in time and bytes, then
+        close (nginx's lingering close)."""
+        transport = self.transport
+        if transport is None or self.closed or self.limits.lingering_time <= 0 or not transport.can_write_eof():
+            self.close()
+            return
+        now = self.server.now()
+        self._linger_until = now + self.limits.lingering_time
+        self.deadline = min(now + self.limits.lingering_timeout, self._linger_until)
+        self._body, self._in_message, self._raw = None, False, None
+        self.request_began = self.body_began = 0.0
+        transport.write_eof()  # FIN once the answer is flushed
+        if self._reading_paused:
+            self._reading_paused = False
+            transport.resume_reading()
+
+    def _discard(self, n: int) -> None:
+        self._lingered += n
+        if self._lingered > self.limits.lingering_bytes:
+            self.close()
+            return
+        self.deadline = min(self.server.now() + self.limits.lingering_timeout, self._linger_until)
+
     # -- time limits and errors --------------------------------------------------------------------
 
     def _set_idle(self, timeout: float) -> None:
@@ -575,14 +615,14 @@ class H1Connection(asyncio.Protocol):
                 and now > self.body_began + limits.body_min_rate_grace + body.received / limits.body_min_rate)
 
     def timed_out(self) -> None:
-        if self.idle or self._timed_out or self._writing_paused is not None:
+        if self.idle or self._timed_out or self._writing_paused is not None or self._linger_until:
             self.close()  # idle keep-alive, a second strike, or a client that does not read its answer
             return
         self._timed_out = True
         self.server.event("timeout")
         error = RequestTimeout("client too slow: request not received in time")
         if self._in_message and not self.queue:
-            self._refuse(408, error.message)  # the header section never completed
+            self._refuse(error.http_status, error.message)  # the header section never completed
             return
         if self._body is not None:
             self._body.fail(error)  # the handler answers 408; the connection closes after it
@@ -599,19 +639,22 @@ class H1Connection(asyncio.Protocol):
         if self.queue:
             self.close()  # an answer is being written already; nothing else can be said in order
         elif "too large" in why:
-            self._refuse(431, "request header section too large")
+            self._refuse(431, "request header section too large", linger=True)
         elif "Invalid method" in why:
-            self._refuse(405, "Method Not Allowed")  # Triton's own answer to a method it does not know
+            self._refuse(405, "Method Not Allowed", linger=True)  # Triton's own answer to a method it does not know
         else:
-            self._refuse(400, f"malformed HTTP request ({why})")
+            self._refuse(400, f"malformed HTTP request ({why})", linger=True)
 
-    def _refuse(self, status: int, message: str) -> None:
+    def _refuse(self, status: int, message: str, linger: bool = False) -> None:
         body = b'{"error":"%s"}' % message.replace('"', "'").encode()
         reason = b"Request Header Fields Too Large" if status == 431 else reason_for(status)
         kind = b"text/plain" if status == 405 else b"application/json"  # Triton's own 405 says text/plain
         self.write(b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
                    b"Connection: close\r\n\r\n%s" % (status, reason, kind, len(body), body))
-        self.close()
+        if linger:
+            self.linger()  # the rest of what the client sends is read and dropped: it gets this answer
+        else:
+            self.close()
 
     def _after_upgrade(self, rest: bytes) -> None:
         """An Upgrade request (curl --http2 sends one): the model servers ignore the upgrade, so it is an

@@ -26,12 +26,12 @@ class IndexEntry:
 
 
 class Repository:
-    def __init__(self, upstream: HttpUpstream, load_timeout: float) -> None:
+    def __init__(self, upstream: HttpUpstream, load_timeout: float, grpc: GrpcUpstream | None = None) -> None:
         self.upstream = upstream
         self.load_timeout = load_timeout
         # Loads go over gRPC when the model server has it: Triton's HTTP load handler holds its HTTP worker
         # thread for the whole load, stalling the data path's pooled connections served by that thread.
-        self.grpc: GrpcUpstream | None = None
+        self.grpc = grpc
 
     async def index(self) -> list[IndexEntry] | None:
         """The repository's models; None when the repository API does not answer (TF Serving, restricted)."""

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from ..config import MeshConfig
 from ..headers import Header
-from ..state import State, StateMachine
+from ..planes import View
+from ..state import State
 from . import orca
 from .load import LoadTracker
 
@@ -22,21 +23,23 @@ ORCA_FORMAT = orca.FORMAT_HEADER
 
 
 class DataPortSignals:
-    def __init__(self, cfg: MeshConfig, machine: StateMachine) -> None:
+    """Both data ports' Envoy headers, from the control plane's latest snapshot and this data plane's load."""
+
+    def __init__(self, cfg: MeshConfig, view: View, load: LoadTracker) -> None:
         self.capacity = cfg.capacity
-        self.machine = machine
-        self.load = LoadTracker()
+        self.view = view
+        self.load = load
 
     def __repr__(self) -> str:
-        return f"<DataPortSignals {self.machine.state} {self.load!r} capacity={self.capacity}>"
+        return f"<DataPortSignals {self.view.snapshot.state} {self.load!r} capacity={self.capacity}>"
 
     def stamp(self, headers: list[Header], orca_format: bytes | None) -> None:
         """Our Envoy headers on one answer; ``orca_format``: the request's endpoint-load-metrics-format."""
-        machine = self.machine
+        snapshot = self.view.snapshot
         if orca_format is not None:
-            load = orca.report(machine.state, machine.progress, self.load.total, self.capacity, self.load.rate())
+            load = orca.report(snapshot.state, snapshot.progress, self.load.total, self.capacity, self.load.rate())
             header = orca.encode(load, orca_format)
             if header is not None:
                 headers.append(header)
-        if machine.state is State.DRAINING:
+        if snapshot.state is State.DRAINING:
             headers.append(HEALTH_CHECK_FAIL)

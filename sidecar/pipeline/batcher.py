@@ -37,15 +37,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..cache.keys import is_stateful, shape_signature
+from ..calls import Call, GrpcAnswer, HttpAnswer, Reply
 from ..config import BatchConfig
 from ..errors import AnswerTooLarge, DecodeError, Overloaded, SidecarError, UpstreamTimeout
+from ..identity import shape_signature
+from ..latency import LatencyModel
 from ..metrics import Metrics
 from ..protocols.request import InferenceRequest, InferenceResponse
 from ..protocols.rows import Signature, batch_signature, merge, rows_of, split
 from ..upstream.models import ModelCatalog, ModelInfo
-from .latency import LatencyModel
-from .stage import Call, GrpcAnswer, HttpAnswer, Next, Reply
+from .stage import Next
 
 log = logging.getLogger("sidecar.batch")
 
@@ -133,7 +134,7 @@ class Batcher:
     async def __call__(self, call: Call, next: Next) -> Reply:
         self._next = next  # the same callable for every call: the timer's dispatches use it too
         req = call.request
-        if not call.modelled or call.private or is_stateful(req):
+        if not call.batchable:
             return await next(call)
         model = await self._model(req)
         if model is None or model.stopped:

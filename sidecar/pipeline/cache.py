@@ -28,15 +28,16 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from ..cache import entry as entries
 from ..cache.fingerprint import Fingerprints
 from ..cache.generation import Generations
-from ..cache.keys import cache_key, is_stateful
 from ..cache.memory import MemoryTier
 from ..cache.redis import RedisTier
+from ..calls import Call, Reply
 from ..config import CacheConfig
 from ..errors import DecodeError, UpstreamTimeout, UpstreamUnavailable
+from ..identity import cache_key
 from ..metrics import Metrics
 from ..protocols import forwarded
 from ..protocols.request import InferenceResponse
-from .stage import Call, Next, Reply
+from .stage import Next
 
 log = logging.getLogger("sidecar.cache")
 
@@ -298,8 +299,7 @@ class CacheStage:
     # -- policy ---------------------------------------------------------------------------------------
 
     def _bypass(self, call: Call) -> bool:
-        return (not call.modelled or call.no_store or not self.caches(call.request.model)
-                or (call.private and not call.scope) or is_stateful(call.request))
+        return not call.shareable or call.no_store or not self.caches(call.request.model)
 
     def ttl(self, model: str) -> float:
         return self.ttls.get(model, self.cfg.ttl)

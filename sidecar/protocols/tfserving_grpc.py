@@ -31,9 +31,9 @@ from google.protobuf.unknown_fields import UnknownFieldSet
 
 from ..errors import DecodeError
 from ..protogen.tensorflow_serving.apis import get_model_status_pb2, model_pb2, predict_pb2
-from ..warmup.tftensor import from_tensor_proto, to_tensor_proto
 from .request import InferenceRequest, InferenceResponse, Protocol, RequestedOutput, freeze_params, thaw_params
 from .tfserving_rest import LABEL_PARAM, SIGNATURE_PARAM
+from .tftensor import from_tensor_proto, to_tensor_proto
 
 PREDICTION_SERVICE = "tensorflow.serving.PredictionService"
 MODEL_SERVICE = "tensorflow.serving.ModelService"

@@ -21,10 +21,10 @@ from urllib.parse import urlsplit
 import grpc
 import grpc.aio
 
+from ..calls import Call, GrpcAnswer, GrpcWire, Reply
 from ..config import UpstreamConfig
-from ..errors import AnswerTooLarge, DecodeError, SidecarError, UpstreamTimeout, UpstreamUnavailable
+from ..errors import GRPC_TO_HTTP, AnswerTooLarge, DecodeError, SidecarError, UpstreamTimeout, UpstreamUnavailable
 from ..metrics import Metrics
-from ..pipeline.stage import Call, GrpcAnswer, GrpcWire, Reply
 from ..protocols import forwarded, kserve_grpc, tfserving_grpc
 from ..protocols.request import InferenceRequest, InferenceResponse, Protocol
 
@@ -32,12 +32,7 @@ Metadata = tuple[tuple[str, str | bytes], ...]
 CHANNELS = 2  # HTTP/2 multiplexes; two connections keep one slow stream from holding every call
 
 # The status Triton's HTTP API (or Google's HTTP mapping) gives each gRPC code: what stages judge by.
-HTTP_STATUS = {
-    "OK": 200, "CANCELLED": 499, "UNKNOWN": 500, "INVALID_ARGUMENT": 400, "DEADLINE_EXCEEDED": 504,
-    "NOT_FOUND": 404, "ALREADY_EXISTS": 409, "PERMISSION_DENIED": 403, "RESOURCE_EXHAUSTED": 429,
-    "FAILED_PRECONDITION": 400, "ABORTED": 409, "OUT_OF_RANGE": 400, "UNIMPLEMENTED": 501, "INTERNAL": 500,
-    "UNAVAILABLE": 503, "DATA_LOSS": 500, "UNAUTHENTICATED": 401,
-}
+HTTP_STATUS = GRPC_TO_HTTP  # an answer's status for the stages (errors.py keeps the one table)
 # What grpc core says when the connection itself failed, as opposed to a server answering UNAVAILABLE
 # (Triton does, for an unknown model).
 _TRANSPORT_FAILURES = ("failed to connect", "connection refused", "connection reset", "socket closed",
@@ -144,6 +139,18 @@ class GrpcUpstream:
         answer = GrpcAnswer("OK", "", message, _pairs(initial), _pairs(trailing))
         method = wire.method
         return Reply(200, wire=answer, for_call=call, decode=lambda: decode_answer(method, message))
+
+    async def relay(self, method: str, message: bytes, metadata: Metadata, timeout: float | None,
+                    deadline: float | None) -> GrpcAnswer:
+        """A unary call passed through, bytes for bytes: the server's answer (its error status included);
+        raises for failures of the transport."""
+        call = self.unary(method)(message, timeout=timeout, metadata=metadata)
+        try:
+            response = await call
+            initial, trailing = await call.initial_metadata(), await call.trailing_metadata()
+        except grpc.aio.AioRpcError as e:
+            return self.error_answer(e, deadline)
+        return GrpcAnswer("OK", "", response, _pairs(initial), _pairs(trailing))
 
     def error_answer(self, e: grpc.aio.AioRpcError, deadline: float | None) -> GrpcAnswer:
         """The server's error status as an answer; raises for failures of the transport itself."""

@@ -15,11 +15,11 @@ from typing import Any
 
 import orjson
 
+from ..calls import Call, HttpAnswer, HttpWire, Reply
 from ..config import UpstreamConfig
 from ..errors import AnswerTooLarge, BadRequest, UpstreamTimeout, UpstreamUnavailable
 from ..headers import Header, end_to_end
 from ..metrics import Metrics
-from ..pipeline.stage import Call, HttpAnswer, HttpWire, Reply
 from ..protocols import dispatch, forwarded
 from ..protocols.request import InferenceRequest
 from .h1 import BodyTooLarge, ConnectionFailed, H1Pool, H1Stream

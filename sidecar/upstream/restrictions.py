@@ -16,8 +16,7 @@ import grpc
 import grpc.aio
 
 from ..errors import SidecarError
-from ..front import restrict
-from ..protocols import forwarded, kserve_grpc
+from ..protocols import forwarded, kserve_grpc, restrict
 from ..protocols.request import InferenceRequest, Protocol
 from .grpc import GrpcUpstream
 from .http import HttpUpstream

@@ -9,7 +9,7 @@ batches and cached answers.
 
 from __future__ import annotations
 
-from ..pipeline.stage import Call, GrpcWire, Reply
+from ..calls import Call, GrpcWire, Reply
 from ..protocols.request import Protocol
 from .grpc import GrpcUpstream
 from .http import HttpUpstream

@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 from google.protobuf.message import DecodeError as ProtobufDecodeError
 
-from ..cache.keys import batch_size
+from ..identity import batch_size
 from ..protocols import tfserving_rest as rest
 from ..protocols.request import (
     InferenceRequest,
@@ -30,9 +30,16 @@ from ..protocols.request import (
     unpack_bytes_elements,
 )
 from ..protocols.rows import tensor_rows
+from ..protocols.tftensor import (
+    cast,
+    example_from_json,
+    example_text,
+    examples_tensor,
+    from_tensor_proto,
+    to_tensor_proto,
+)
 from ..protogen.tensorflow_serving.apis import input_pb2, model_pb2, prediction_log_pb2
 from . import tfrecord
-from .tftensor import cast, example_from_json, example_text, examples_tensor, from_tensor_proto, to_tensor_proto
 
 MAX_TF_RECORDS = 1000  # TF Serving's own limit on warm-up records
 

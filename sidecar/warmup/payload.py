@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import orjson
 
-from ..cache.keys import is_stateful, request_key
 from ..errors import SidecarError
+from ..identity import is_stateful, request_key
 from ..protocols import dispatch, forwarded
 from ..protocols.request import InferenceRequest
 

@@ -22,11 +22,10 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..cache.keys import batch_size, is_stateful, shape_signature
 from ..config import Config
 from ..errors import DecodeError
-from ..front import restrict
-from ..protocols import dispatch, forwarded, kserve_http, tfserving_rest
+from ..identity import batch_size, is_stateful, shape_signature
+from ..protocols import dispatch, forwarded, kserve_http, restrict, tfserving_rest
 from ..protocols.request import InferenceRequest, Protocol
 from ..protocols.rows import row_signature, stack
 from . import payload

@@ -15,11 +15,11 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from ..cache.keys import is_stateful
+from ..calls import Call, Header, HttpWire, Reply
 from ..config import WarmupConfig
 from ..errors import SidecarError
+from ..identity import is_stateful
 from ..metrics import Metrics
-from ..pipeline.stage import Call, Header, HttpWire, Reply
 from .planner import Plan, PlannedCall, batch_text
 
 log = logging.getLogger("sidecar.warmup")

@@ -14,12 +14,12 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from .config import UpstreamConfig
-from .errors import SidecarError
-from .logs import where
-from .metrics import Metrics
-from .state import State, StateMachine
-from .upstream.http import HttpUpstream
+from ..config import UpstreamConfig
+from ..errors import SidecarError
+from ..logs import where
+from ..metrics import Metrics
+from ..state import State, StateMachine
+from ..upstream.http import HttpUpstream
 
 log = logging.getLogger("sidecar.health")
 _LOG_EVERY = 60.0  # seconds between repeated warnings about the same problem
@@ -45,6 +45,8 @@ class UpstreamMonitor:
         metrics: Metrics,
         warmer: Warmer | None = None,
         retry_interval: float = 5.0,
+        own_loading: Callable[[], bool] = lambda: False,
+        own_models: Callable[[], set[str]] = set,
     ) -> None:
         self.client = client
         self.cfg = cfg
@@ -53,8 +55,8 @@ class UpstreamMonitor:
         self.warmer = warmer
         self.retry_interval = retry_interval
         # Layered loading: whether the sidecar is loading a model now, and the models it loaded itself.
-        self.own_loading: Callable[[], bool] = lambda: False
-        self.own_models: Callable[[], set[str]] = set
+        self.own_loading = own_loading
+        self.own_models = own_models
         self.protocol = cfg.protocol if cfg.protocol != "auto" else ""
         self.last = Health.DOWN
         # What the server has loaded, (model, version) pairs; None until first seen ready.
@@ -196,7 +198,6 @@ class UpstreamMonitor:
         if health is not Health.READY:
             self.loaded = None  # a restarted server is cold anyway: what it loads next is not "new"
             self._lost = self._lost or self._seen_ready
-            self.client.pool.drop_idle()  # a stopping server waits for open connections before it exits
         else:
             self._seen_ready = True
             if self._lost:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import struct
 
-from ..protocols.request import InferenceRequest, Params, RequestedOutput, Tensor
+from .protocols.request import InferenceRequest, Params, RequestedOutput, Tensor
 
 # Output parameters that choose only a wire form (HTTP's binary_data; Triton's gRPC front ignores it).
 _WIRE_ONLY_OUTPUT_PARAMS = frozenset({"binary_data"})

@@ -11,10 +11,10 @@ from typing import Any
 
 import numpy as np
 
-from ..protocols.request import Tensor, element_count, pack_bytes_elements, unpack_bytes_elements
-from ..protocols.tfserving_rest import canonical_json
 from ..protogen.tensorflow.core.example import example_pb2, feature_pb2
 from ..protogen.tensorflow.core.framework import tensor_pb2, types_pb2
+from .request import Tensor, element_count, pack_bytes_elements, unpack_bytes_elements
+from .tfserving_rest import canonical_json
 
 # KServe datatype -> TF DataType.
 TF_DTYPES: dict[str, types_pb2.DataType] = {

@@ -1,11 +1,10 @@
-"""What every gRPC method of the data port shares: the edge between a caller and the stages.
+"""What every gRPC method of the data port shares: one call's wire, its handlers, its answers.
 
-- ``Rpc``: one call's request id, forwarded metadata (hop-specific keys removed), deadline.
-- handlers: raw-bytes method handlers (no protobuf round trip) that count calls and map the sidecar's
-  own errors (``SidecarError``) to a gRPC status ONCE, here, with a message naming the problem;
-- ``infer``: an inference call through the stage pipeline, answered with the upstream's own bytes when
-  they answer this caller, else the canonical response encoded for it;
-- relays: any other method passed through to the model server, unary or streaming.
+- ``Rpc``: one call's request id, forwarded metadata (hop-specific keys removed), deadline;
+- handlers: raw-bytes method handlers (no protobuf round trip) that apply the restrictions, count
+  calls and write the sidecar's own errors as a gRPC status (``errors.refusal`` says which);
+- ``infer``: an inference call handed to the edge (``front/edge.py``), its answer written back;
+- relays: any other method passed through to the model server by the edge, unary or streaming.
 
 Answers carry ``x-request-id``, ``x-sidecar-state`` and (from the cache) ``x-sidecar-cache`` as initial
 metadata, after whatever initial metadata the model server sent.
@@ -14,9 +13,7 @@ metadata, after whatever initial metadata the model server sent.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
-import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeAlias
@@ -25,16 +22,15 @@ import grpc
 import grpc.aio
 
 from .. import logs
+from ..calls import Call, GrpcAnswer, GrpcWire, Reply
 from ..config import Config
-from ..errors import DecodeError, SidecarError, UpstreamUnavailable
-from ..mesh.load import LoadTracker
+from ..errors import GRPC_TO_HTTP, SidecarError, UpstreamUnavailable, refusal
 from ..metrics import Metrics
-from ..pipeline.stage import Call, GrpcAnswer, GrpcWire, Next, Reply
-from ..protocols import forwarded
+from ..planes import View
+from ..protocols import restrict
 from ..protocols.request import InferenceRequest, InferenceResponse
-from ..state import StateMachine
-from ..upstream.grpc import HTTP_STATUS, GrpcUpstream, Metadata
-from . import restrict
+from ..upstream.grpc import Metadata
+from .edge import Edge
 
 log = logging.getLogger("sidecar.grpc")
 
@@ -54,11 +50,10 @@ def hop_specific(key: str) -> bool:
 class Rpc:
     """One gRPC call at the edge."""
 
-    __slots__ = ("cache", "caller_timeout", "deadline", "label", "metadata", "model", "private", "received",
-                 "request_id", "scope", "sent", "started", "status", "timeout")
+    __slots__ = ("cache", "caller_timeout", "deadline", "label", "metadata", "model", "received", "request_id",
+                 "sent", "started", "status", "timeout")
 
-    def __init__(self, context: Context, label: str, default_timeout: float, scope_key: str,
-                 new_id: Callable[[], str]) -> None:
+    def __init__(self, context: Context, label: str, default_timeout: float, new_id: Callable[[], str]) -> None:
         self.label = label
         self.started = time.perf_counter()
         self.model = ""
@@ -67,18 +62,12 @@ class Rpc:
         self.sent = False
         forwarded: list[tuple[str, str | bytes]] = []
         request_id = ""
-        self.private = False
-        self.scope = b""
         self.received: Metadata = tuple(context.invocation_metadata() or ())
         for key, value in self.received:
             if key == REQUEST_ID:
                 request_id = value if isinstance(value, str) else value.decode("latin-1")
             elif not hop_specific(key):
                 forwarded.append((key, value))
-                if key in ("authorization", "cookie"):
-                    self.private = True
-                if key == scope_key:
-                    self.scope = value.encode() if isinstance(value, str) else value
         self.request_id = request_id or new_id()
         logs.REQUEST_ID.set(self.request_id)  # each RPC runs in a task of its own: the id ends with it
         forwarded.append((REQUEST_ID, self.request_id))
@@ -90,35 +79,24 @@ class Rpc:
         self.deadline = asyncio.get_running_loop().time() + self.timeout
 
 
-class Edge:
-    def __init__(self, cfg: Config, pipeline: Next, upstream: GrpcUpstream, machine: StateMachine,
-                 metrics: Metrics, load: LoadTracker, on_upstream_down: Callable[[], None] | None = None,
-                 rules: forwarded.Rules | None = None, on_rules_changed: Callable[[], None] | None = None) -> None:
+class Rpcs:
+    """The handler wrappers and answers of every method of the gRPC data port."""
+
+    def __init__(self, cfg: Config, edge: Edge, view: View, metrics: Metrics) -> None:
         self.cfg = cfg
+        self.edge = edge
+        self.view = view
+        self.metrics = metrics
         # Triton's --grpc-restricted-protocol, as configured (or as restricted_api says): the same APIs as
         # on the HTTP port stay closed here.
         self.restrictions = restrict.parse_grpc(cfg.grpc_restricted_protocol or cfg.restricted_api)
-        self.rules = rules or forwarded.Rules()
-        self.on_rules_changed = on_rules_changed
-        self.pipeline = pipeline
-        self.upstream = upstream
-        self.machine = machine
-        self.metrics = metrics
-        self.load = load
-        self.on_upstream_down = on_upstream_down
-        self.scope_key = cfg.cache.scope_header.lower()
         self.in_flight = 0
-        self._id_prefix = os.urandom(8).hex()
-        self._ids = itertools.count()
 
     def __repr__(self) -> str:
-        return f"<grpc Edge in_flight={self.in_flight}>"
+        return f"<grpc Rpcs in_flight={self.in_flight}>"
 
     def rpc(self, context: Context, label: str) -> Rpc:
-        return Rpc(context, label, self.cfg.upstream.timeout, self.scope_key, self._new_id)
-
-    def _new_id(self) -> str:
-        return f"{self._id_prefix}{next(self._ids):016x}"
+        return Rpc(context, label, self.cfg.upstream.timeout, self.edge.new_id)
 
     # -- method handlers ---------------------------------------------------------------------------------
 
@@ -174,15 +152,13 @@ class Edge:
 
     async def fail(self, context: Context, rpc: Rpc, err: SidecarError) -> None:
         """The sidecar's own error as a gRPC status: its code, its message, Retry-After when it has one."""
+        r = refusal(err)
         rpc.status = err.http_status
-        if isinstance(err, UpstreamUnavailable) and self.on_upstream_down is not None:
-            self.on_upstream_down()
-        trailing: list[tuple[str, str | bytes]] = []
-        retry_after = getattr(err, "retry_after", None)
-        if retry_after is not None:
-            trailing.append(("retry-after", str(max(1, round(retry_after)))))
+        if isinstance(err, UpstreamUnavailable):
+            self.edge.upstream_failed()
+        trailing = (("retry-after", str(r.retry_after)),) if r.retry_after is not None else ()
         await self.send_metadata(context, rpc)
-        await context.abort(grpc.StatusCode[err.grpc_code], err.message, tuple(trailing))
+        await context.abort(grpc.StatusCode[r.grpc_code], r.message, trailing)
 
     async def send_metadata(self, context: Context, rpc: Rpc, upstream: Metadata = ()) -> None:
         if rpc.sent:
@@ -190,14 +166,14 @@ class Edge:
         rpc.sent = True
         metadata = [(k, v) for k, v in upstream if not hop_specific(k)]
         metadata.append((REQUEST_ID, rpc.request_id))
-        metadata.append((STATE_KEY, self.machine.state.value))
+        metadata.append((STATE_KEY, self.view.snapshot.state.value))
         if rpc.cache:
             metadata.append((CACHE_KEY, rpc.cache))
         await context.send_initial_metadata(tuple(metadata))
 
     async def answer(self, context: Context, rpc: Rpc, answer: GrpcAnswer) -> bytes:
         """Send a model server's answer (or one encoded for this caller): its metadata, status and message."""
-        rpc.status = HTTP_STATUS.get(answer.code, 500)
+        rpc.status = GRPC_TO_HTTP.get(answer.code, 500)
         await self.send_metadata(context, rpc, answer.initial_metadata)
         trailing = tuple((k, v) for k, v in answer.trailing_metadata if not hop_specific(k))
         if answer.code != "OK":
@@ -206,45 +182,21 @@ class Edge:
             context.set_trailing_metadata(trailing)
         return answer.message
 
-    # -- inference through the stages --------------------------------------------------------------------
+    # -- inference through the edge ----------------------------------------------------------------------
 
-    def call(self, rpc: Rpc, request: InferenceRequest, modelled: bool, method: str, message: bytes) -> Call:
-        call = Call(request, rpc.request_id, rpc.deadline, GrpcWire(method, message, rpc.metadata), modelled,
-                    rpc.label, "grpc")
-        call.private, call.scope = rpc.private, rpc.scope
-        if self.rules.active:
-            call.context = self.rules.grpc_context(rpc.metadata)  # as the server will read them
-        return call
+    def call(self, rpc: Rpc, request: InferenceRequest | None, fallback: InferenceRequest, method: str,
+             message: bytes) -> Call:
+        return self.edge.call(request, fallback, GrpcWire(method, message, rpc.metadata), rpc.request_id,
+                              rpc.deadline, rpc.label, "grpc", rpc.received)
 
     async def infer(self, call: Call, encode: Encoder) -> tuple[GrpcAnswer, str]:
-        """Run ``call`` through the stages: (the answer for this caller, the cache's verdict)."""
-        model = call.request.model
-        self.load.begin(model)
-        try:
-            reply = await self.pipeline(call)
-            return await self.resolve(call, reply, encode), reply.cache
-        finally:
-            self.load.end(model)
+        """``call`` through the stages: (the answer for this caller, the cache's verdict)."""
+        def as_grpc(call: Call, reply: Reply) -> GrpcAnswer:
+            return GrpcAnswer("OK", "", encode(call.request, reply.response()))
 
-    async def resolve(self, call: Call, reply: Reply, encode: Encoder) -> GrpcAnswer:
-        raw = reply.raw_for(call)
-        if raw is None and not reply.ok:
-            raw = reply.wire  # an error answer shared with this caller (same call)
-        if isinstance(raw, GrpcAnswer):
-            if raw.code == "UNAVAILABLE" and self.rules.learn_grpc(raw.details) and self.on_rules_changed is not None:
-                self.on_rules_changed()  # the server restricts inference by a key the sidecar did not know of
-            return raw
-        if reply.ok:
-            try:
-                return GrpcAnswer("OK", "", encode(call.request, reply.response()))
-            except (ValueError, DecodeError):
-                pass
-        # An answer that cannot take this caller's form (or an error in another protocol's shape): the
-        # model server answers this caller itself.
-        again = await self.upstream.send(call)
-        answer = again.raw_for(call)
+        answer, cache = await self.edge.run(call, as_grpc)
         assert isinstance(answer, GrpcAnswer)
-        return answer
+        return answer, cache
 
     # -- pass-through --------------------------------------------------------------------------------------
 
@@ -257,20 +209,14 @@ class Edge:
         # upstream.passthrough_timeout only: the server would finish a slow load for a caller that waits.
         timeout = rpc.caller_timeout if rpc.caller_timeout is not None else (
             self.cfg.upstream.passthrough_timeout or None)
-        call = self.upstream.unary(method)(message, timeout=timeout, metadata=rpc.metadata)
-        try:
-            response = await call
-            initial, trailing = await call.initial_metadata(), await call.trailing_metadata()
-        except grpc.aio.AioRpcError as e:
-            return self.upstream.error_answer(e, rpc.deadline)
-        return GrpcAnswer("OK", "", response, tuple(initial or ()), tuple(trailing or ()))
+        return await self.edge.relay_grpc(method, message, rpc.metadata, timeout, rpc.deadline)
 
     async def relay_stream(self, method: str, kind: str, request: Any, context: Context,
                            rpc: Rpc) -> AsyncIterator[bytes]:
         """A streaming call passed through: ``request`` is the caller's message (server streaming) or its
         message iterator (client or bidirectional streaming); responses go back as they arrive."""
         # A stream may rightly outlive upstream.timeout: only the caller's own deadline bounds it.
-        call = self.upstream.streaming(method, kind)(request, metadata=rpc.metadata, timeout=rpc.caller_timeout)
+        call = self.edge.relay_grpc_stream(method, kind, request, rpc.metadata, rpc.caller_timeout)
         try:
             await self.send_metadata(context, rpc, tuple(await call.initial_metadata() or ()))
             if kind == "stream_unary":
@@ -282,7 +228,6 @@ class Edge:
             if trailing:
                 context.set_trailing_metadata(trailing)
         except grpc.aio.AioRpcError as e:
-            answer = self.upstream.error_answer(e, rpc.deadline)
-            await self.answer(context, rpc, answer)
+            await self.answer(context, rpc, self.edge.grpc_error(e, rpc.deadline))
         finally:
             call.cancel()  # no-op once finished; a caller who left takes the upstream stream with it

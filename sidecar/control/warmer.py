@@ -19,34 +19,40 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
+from ..calls import Call, Header, Reply
 from ..config import Config
 from ..errors import SidecarError
-from ..front import restrict
+from ..latency import LatencyModel
 from ..loading.book import ModelBook, ModelState
 from ..loading.repository import Repository
 from ..metrics import Metrics
-from ..pipeline.latency import LatencyModel
-from ..pipeline.stage import Header, Next
+from ..protocols import restrict
 from ..protocols.request import Protocol
 from ..state import State, StateMachine
+from ..upstream.grpc import GrpcUpstream
 from ..upstream.http import HttpUpstream
 from ..upstream.models import ModelCatalog
-from .planner import ModelPlan, Plan, Planner
-from .replayer import Replayer, WarmupReport
+from ..warmup.planner import ModelPlan, Plan, Planner
+from ..warmup.replayer import Replayer, WarmupReport
+from ..warmup.store import TrafficStore
 
 log = logging.getLogger("sidecar.warmup")
 
 OnReady = Callable[[], None]
+Send = Callable[[Call], Awaitable[Reply]]
 
 
 class Warmer:
-    def __init__(self, cfg: Config, store_planner_store: object, client: HttpUpstream, machine: StateMachine,
-                 metrics: Metrics, send: Next | None = None, catalog: ModelCatalog | None = None,
-                 latency: LatencyModel | None = None, book: ModelBook | None = None) -> None:
-        """``send``: where replayed calls enter the pipeline (the response cache, so its answers fill it);
-        by default straight to the model server."""
+    def __init__(self, cfg: Config, store: TrafficStore, client: HttpUpstream, machine: StateMachine,
+                 metrics: Metrics, send: Send | None = None, catalog: ModelCatalog | None = None,
+                 latency: LatencyModel | None = None, book: ModelBook | None = None,
+                 loaded: Callable[[], frozenset[tuple[str, str]] | None] = lambda: None,
+                 grpc: GrpcUpstream | None = None) -> None:
+        """``send``: where replayed calls enter the data plane (the response cache, so its answers fill it);
+        by default straight to the model server. ``loaded``: what the model server has loaded, as the
+        monitor last saw it; ``grpc``: the model server's gRPC port, for loads."""
         self.cfg = cfg
         self.client = client
         self.catalog = catalog or ModelCatalog(client, cfg.warmup.max_batch)
@@ -54,8 +60,8 @@ class Warmer:
         self.machine = machine
         self.metrics = metrics
         self.book = book or ModelBook()
-        self.repository = Repository(client, cfg.warmup.budget)
-        self.planner = Planner(cfg, store_planner_store, self.max_batch_of)  # type: ignore[arg-type]
+        self.repository = Repository(client, cfg.warmup.budget, grpc)
+        self.planner = Planner(cfg, store, self.max_batch_of)
         self.replayer = Replayer(cfg.warmup, send or client.send, metrics, cfg.upstream.timeout,
                                  on_progress=self._model_progress, own_headers=own_headers(cfg.restricted_api))
         self._done, self._total = 0, 1  # models warmed in this warm-up, and how many it has
@@ -68,7 +74,7 @@ class Warmer:
         self.loading = 0  # repository loads the sidecar has in flight
         self._loads: dict[str, asyncio.Task[bool]] = {}  # loads in flight, one per model
         self.protocol = "triton"
-        self.loaded: Callable[[], frozenset[tuple[str, str]] | None] = lambda: None  # the monitor's view
+        self.loaded = loaded
 
     def __repr__(self) -> str:
         return f"<Warmer runs={self.runs} plan={self.plan.total_calls} calls {self.book!r}>"

@@ -19,13 +19,13 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from ..health import UpstreamMonitor
 from ..mesh.envoy import DEGRADED, HEALTH_CHECK_FAIL
 from ..metrics import Metrics
 from ..state import State, StateMachine
 from ..supervise import Supervisor
 from ..warmup.planner import Plan
-from ..warmup.warmer import Warmer
+from .monitor import UpstreamMonitor
+from .warmer import Warmer
 
 _PLAN_TIMEOUT = 2.0  # seconds a status request waits for a plan being built before it shows the last one
 _PLAN_EVERY = 3.0  # seconds a plan is shown before the status page builds the one a warm-up would run now
@@ -41,6 +41,7 @@ class AdminActions:
     cache_report: Callable[[], dict[str, Any]]  # per-model hit ratios and sizes, for /status
     batch_report: Callable[[], dict[str, Any]]  # per batched model: cap, learned latencies, queue
     models_report: Callable[[], dict[str, Any]]  # per model: share, load/warm state, time to warm
+    forecast_report: Callable[[], dict[str, Any] | None] = lambda: None  # lead, forecasts, capacity; None: off
 
 
 class AdminFront:
@@ -58,15 +59,20 @@ class AdminFront:
         self._plan_at = float("-inf")  # time.monotonic() when self._plan was built
         self._planning: asyncio.Task[None] | None = None
 
+    # (method, path, handler name): what the admin port answers; docs/guide.md lists each.
+    ROUTES = (("GET", "/livez", "livez"), ("GET", "/startupz", "startupz"), ("GET", "/readyz", "readyz"),
+              ("GET", "/metrics", "metrics_page"), ("GET", "/status", "status"),
+              ("POST", "/cache/flush", "flush"), ("POST", "/warmup", "rewarm"))
+
+    @classmethod
+    def app_routes(cls) -> list[tuple[str, str]]:
+        return [(method, path) for method, path, _ in cls.ROUTES]
+
     def application(self) -> web.Application:
         app = web.Application()
-        app.router.add_get("/livez", self.livez)
-        app.router.add_get("/startupz", self.startupz)
-        app.router.add_get("/readyz", self.readyz)
-        app.router.add_get("/metrics", self.metrics_page)
-        app.router.add_get("/status", self.status)
-        app.router.add_post("/cache/flush", self.flush)
-        app.router.add_post("/warmup", self.rewarm)
+        for method, path, handler in self.ROUTES:
+            add = app.router.add_get if method == "GET" else app.router.add_post  # GET answers HEAD too
+            add(path, getattr(self, handler))
         return app
 
     # -- actions, behind a bearer token ----------------------------------------------------------------
@@ -176,6 +182,7 @@ class AdminFront:
             "cache": self.actions.cache_report() if self.actions is not None else {},
             "batching": self.actions.batch_report() if self.actions is not None else {},
             "models": self.actions.models_report() if self.actions is not None else {},
+            "forecast": self.actions.forecast_report() if self.actions is not None else None,
             "plan": [
                 {"model": mp.model, "share": round(mp.share, 4), "max_batch": mp.max_batch,
                  "calls": [{"kind": c.kind, "batch": c.batch, "shape": c.shape} for c in mp.calls]}
@@ -226,9 +233,29 @@ class AdminFront:
             lines.append(f"batching {model}: cap {b['cap']} of {b['max_batch']}, {b['in_flight']}/{b['max_concurrent']}"
                          f" in flight, {b['waiting']} waiting, {b['batches']} batches, {b['retried_alone']} retried "
                          f"alone; latency by batch size: {latencies}")
+        lines += _forecast_lines(data["forecast"])
         if self.warmer.report is not None:
             lines += ["", self.warmer.report.render().rstrip()]
         return "\n".join(lines) + "\n"
+
+
+def _forecast_lines(forecast: dict[str, Any] | None) -> list[str]:
+    if not forecast:
+        return []
+    lead = forecast["lead"]
+    measured = forecast.get("launch_to_warm")
+    warm = f"warm {measured:.1f} s after launch" if measured is not None else "not warm yet"
+    lines = ["", f"forecast: lead {lead['seconds']:.0f} s ({lead['source']}, {lead['samples']} samples); "
+                 f"this pod {warm}; history {forecast['history']}"]
+    capacity = forecast.get("capacity", {})
+    for model in sorted(set(forecast["models"]) | set(capacity)):
+        entry = forecast["models"].get(model) or {}
+        f, e, c = entry.get("forecast"), entry.get("error"), capacity.get(model)
+        expected = f"{f['requests_per_second']:.2f}/s at now+lead" if f else "no forecast yet"
+        error = f", error {e['mape']:.1%}" if e else ""
+        serves = f", this pod serves {c['requests_per_second']:.1f}/s ({c['source']})" if c else ""
+        lines.append(f"  {model:<20} {expected}{error}{serves}")
+    return lines
 
 
 def _json(status: int, body: dict[str, Any]) -> web.Response:

@@ -15,7 +15,7 @@ from typing import Protocol
 
 from ..config import ModelsConfig
 from ..loading.book import ModelBook, ModelState
-from ..warmup.warmer import Warmer
+from .warmer import Warmer
 
 log = logging.getLogger("sidecar.loading")
 

@@ -24,6 +24,16 @@ class LatencyModel:
         old = known.get(batch)
         known[batch] = seconds if old is None else old + _ALPHA * (seconds - old)
 
+    def seed(self, model: str, batch: int, seconds: float) -> None:
+        """What another part measured (warm-up's latencies, from the control plane): taken only where this
+        model has not learned the size from live batches itself."""
+        known = self._seconds.setdefault(model, {})
+        known.setdefault(batch, seconds)
+
+    def table(self) -> dict[str, dict[int, float]]:
+        """Everything learned, for the control plane's snapshot."""
+        return {model: dict(sizes) for model, sizes in self._seconds.items()}
+
     def known(self, model: str) -> dict[int, float]:
         return dict(sorted(self._seconds.get(model, {}).items()))
 
