@@ -8,8 +8,11 @@ Six short sections, every number measured in this run (about a minute on two cor
    answers, the batches Triton executed (counted by Triton itself), single-flight;
 3. one gRPC client (tritonclient.grpc) sharing the HTTP clients' cache, and grpc.health.v1;
 4. warmth for load balancers: HAProxy's agent-check, Envoy's ORCA header, the autoscaler gauges;
-5. admin actions: a cache flush behind the admin token; then SIGTERM and a clean drain;
-6. the cold-start cliff of a torch.compile model, with and without the sidecar's warm-up.
+5. demand forecast: two days of per-minute history imported from CSV, the forecast at now + lead, what the
+   pod measured of its own launch-to-warm, what it can serve of MiniLM;
+6. admin actions: a cache flush behind the admin token; then SIGTERM and a clean drain;
+7. the cold-start cliff of a torch.compile model, with and without the sidecar's warm-up (ready once
+   measured; the recorded calls it did not need fill the cache behind readiness).
 
 Exit status 0 only if every check passed. Every server runs inside a context manager, so a failure or
 Ctrl-C stops them all.
@@ -25,6 +28,7 @@ import re
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -428,8 +432,46 @@ def section_load_balancers(sidecar: SidecarProcess, agent_port: int, queue_peak:
     return f"agent {line!r}; ORCA report when asked; queue depth peaked at {queue_peak:.0f}, warm capacity {capacity:g}"
 
 
+def import_history(sidecar: SidecarProcess, work: Path) -> int:
+    """Two days of MiniLM's calls per minute (a daily cycle, 20 to 60 a second) into the history the sidecar
+    will keep, through `sidecar history import`, before it starts."""
+    now = int(time.time() // 60)
+    rows = ["timestamp,model,requests"]
+    for minute in range(now - 2 * 1440, now):
+        rate = 40 + 20 * np.sin(2 * np.pi * (minute % 1440) / 1440)
+        rows.append(f"{minute * 60},{MINILM},{round(rate * 60)}")
+    csv = work / "history.csv"
+    csv.write_text("\n".join(rows) + "\n")
+    store = sidecar.workdir / f"traffic-{sidecar.port}.db"  # the history lives beside the traffic memory
+    done = subprocess.run([sys.executable, "-m", "sidecar", "history", "import", str(csv), "--store", str(store)],
+                          capture_output=True, text=True, timeout=120)
+    return done.returncode
+
+
+def section_forecast(sidecar: SidecarProcess, imported: int, check: Checks) -> str:
+    say("\n5. Demand forecast (sidecar history import: two days of MiniLM's calls per minute, a daily cycle)")
+    status = orjson.loads(exchange(sidecar.admin_url, "GET", "/status?format=json").body)["forecast"]
+    lead, measured = status["lead"], status["launch_to_warm"]
+    found = (status["models"].get(MINILM) or {}).get("forecast")
+    capacity = status["capacity"].get(MINILM)
+    say(f"   imported (exit status {imported}); the pod measured its own launch-to-warm: {measured} s; the forecast "
+        f"looks {lead['seconds']:.0f} s ahead ({lead['source']})")
+    if found:
+        say(f"   {MINILM}: {found['requests_per_second']:.1f} calls/s expected at now + lead "
+            f"(pattern {found['baseline']:.1f}, level x{found['level']:.2f}, {found['method']})")
+    if capacity:
+        say(f"   this pod can serve {capacity['requests_per_second']:.0f} calls/s of it ({capacity['source']}): "
+            "sidecar_capacity_requests_per_second, the denominator of the shipped forecast HPA")
+    metrics = exchange(sidecar.admin_url, "GET", "/metrics").body.decode()
+    exported = f'sidecar_forecast_requests_per_second{{model="{MINILM}"}}' in metrics
+    check(imported == 0 and measured is not None and found is not None and exported,
+          "history imported, launch-to-warm measured, a forecast exported")
+    return (f"{found['requests_per_second']:.1f} calls/s expected at now + {lead['seconds']:.0f} s"
+            if found else "no forecast") + (f"; capacity {capacity['requests_per_second']:.0f}/s" if capacity else "")
+
+
 def section_admin(sidecar: SidecarProcess, agent_port: int, check: Checks) -> str:
-    say("\n5. Admin actions (the sidecar runs with --set admin_token=...)")
+    say("\n6. Admin actions (the sidecar runs with --set admin_token=...)")
     flush = f"/cache/flush?model={MINILM}"
     refused = exchange(sidecar.admin_url, "POST", flush)
     say(f"   POST {flush} without the token: {refused.status}")
@@ -461,7 +503,7 @@ def section_admin(sidecar: SidecarProcess, agent_port: int, check: Checks) -> st
 
 
 def section_cold_start(work: Path, check: Checks) -> str:
-    say(f"\n6. The cold-start cliff. Model '{MODEL_COLD}': torch.compile on CPU, so the first call at every batch")
+    say(f"\n7. The cold-start cliff. Model '{MODEL_COLD}': torch.compile on CPU, so the first call at every batch")
     say("   size compiles kernels. A sidecar records a short burst of real traffic (batch sizes "
         f"{', '.join(map(str, BATCHES))}); then the model")
     say("   server restarts cold (new process, empty compile cache), twice: alone, clients sent traffic once Triton")
@@ -508,6 +550,7 @@ def main() -> int:
                         f"mesh.agent_listen={HOST}:{agent_port}", f"admin_token={TOKEN}", "shutdown_delay=2",
                         "log_level=warning"]
             sidecar = SidecarProcess(triton.url, work, "triton", [a for s in settings for a in ("--set", s)])
+            imported = import_history(sidecar, work)
             t1 = time.monotonic()
             with running(sidecar):
                 say(f"   the sidecar: /readyz 200 {time.monotonic() - t1:.2f} s after its process started (Triton "
@@ -517,9 +560,10 @@ def main() -> int:
                 summary["2. cache + batching"], queue_peak = section_cache_and_batching(triton, sidecar, check)
                 summary["3. gRPC"] = section_grpc(sidecar, check)
                 summary["4. load balancers"] = section_load_balancers(sidecar, agent_port, queue_peak, check)
-                summary["5. admin"] = section_admin(sidecar, agent_port, check)
+                summary["5. forecast"] = section_forecast(sidecar, imported, check)
+                summary["6. admin"] = section_admin(sidecar, agent_port, check)
         say("   Triton stopped.")
-        summary["6. cold start"] = section_cold_start(work, check)
+        summary["7. cold start"] = section_cold_start(work, check)
     say(f"\nSummary ({time.monotonic() - t0:.0f} s, every number measured in this run):")
     for name, line in summary.items():
         say(f"   {name:<20} {line}")

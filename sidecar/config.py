@@ -232,7 +232,16 @@ def _at_least(n: float) -> Validator:
 @dataclass(frozen=True)
 class RecordConfig:
     enabled: bool = field(default=True, metadata=_key("record traffic for warm-up (YAML `record: false` too)"))
-    top_n: int = field(default=100, metadata=_key("requests remembered and replayed per model", _positive))
+    top_n: int = field(
+        default=1000, metadata=_key("requests remembered and replayed per model at most (record.coverage decides "
+                                    "how many of them warm-up replays)", _positive),
+    )
+    coverage: float = field(
+        default=0.9,
+        metadata=_key("share of a model's recorded traffic warm-up replays: the most frequent calls until together "
+                      "they carry this share, at most record.top_n. Readiness waits only for the calls that measure "
+                      "latency; the rest fill the response cache behind it", _share),
+    )
     models: tuple[str, ...] = field(
         default=(), metadata=_key("only record these models (comma-separated); empty records all")
     )
@@ -295,6 +304,12 @@ class WarmupConfig:
     background_concurrency: int = field(
         default=1, metadata=_key("warm-up calls in flight at once once the pod is ready (the models still "
                                  "warming must not slow the ones serving)", _positive),
+    )
+    fill_concurrency: int = field(
+        default=32,
+        metadata=_key("once the pod is ready, recorded calls in flight at once that fill the response cache "
+                      "(the calls warm-up did not need to measure; the batcher serves live calls first)",
+                      _positive),
     )
     retry_interval: float = field(
         default=5.0,
@@ -429,6 +444,15 @@ class CacheConfig:
     )
 
 
+def _seconds_or_auto(v: Any) -> str | None:
+    if v == "auto":
+        return None
+    try:
+        return None if float(v) >= 0 else "auto, or seconds >= 0"
+    except ValueError:
+        return "auto, or seconds >= 0"
+
+
 def _batch_models(v: Any) -> str | None:
     for item in v:
         name, sep, maximum = item.partition("=")
@@ -455,10 +479,12 @@ class BatchConfig:
         metadata=_key("seconds a call may wait for its batch while the server stays busy; past it the batch goes "
                       "anyway (a safety valve: waits normally end when a batch in flight completes)", _positive),
     )
-    target_latency: float = field(
-        default=0.0,
-        metadata=_key("seconds a batch should take at most: its size is capped by the latency learned per batch "
-                      "size; 0: only the model's maximum caps it", _non_negative),
+    target_latency: str = field(
+        default="auto",
+        metadata=_key("seconds a batch should take at most, its size capped by the latency learned per batch size, "
+                      "so a call never waits behind a batch far longer than its own; auto: the latency of the "
+                      "smallest batch that gives 95% of the best throughput measured (larger batches add wait, not "
+                      "throughput); 0: only the model's maximum caps it", _seconds_or_auto),
     )
     max_queue: int = field(
         default=4096, metadata=_key("calls waiting for a batch per model; more get 503 with Retry-After",

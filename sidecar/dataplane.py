@@ -86,6 +86,7 @@ class DataPlane:
         # What each model answers (a digest of its answer to the fleet's probe request): part of the shared
         # tier's key, so replicas share only answers of models that answer alike.
         self.fingerprints = Fingerprints(self.shared_cache, self._ask_for_fingerprint, self._model_answers_otherwise)
+        self._adopting: asyncio.Task[None] | None = None
         self.cache = CacheStage(cfg.cache, MemoryTier(cfg.cache.max_bytes), self.shared_cache, Generations(),
                                 metrics, sharing=self._restrictions_known, fingerprints=self.fingerprints)
         self.latency = LatencyModel()
@@ -100,7 +101,9 @@ class DataPlane:
         if cfg.batch.models:
             self.stages.append(self.batcher)
         self.pipeline = chain(self.stages, self.router.send)
-        # Warm-up replay enters at the cache, so its answers fill it (and never come from it).
+        # Warm-up replay enters at the cache, so its answers fill it (and never come from it); the fill behind
+        # readiness enters there too, and its misses are batched.
+        self._fill = chain([s for s in self.stages if s is self.cache or s is self.batcher], self.router.send)
         self._replay: Callable[[Call], Awaitable[Reply]] = (
             chain([self.cache], self.upstream.send) if cfg.cache.models else self.upstream.send)
         # Both fronts' one edge, and the fronts themselves: wire parsing and writing only.
@@ -128,6 +131,20 @@ class DataPlane:
 
     async def replay(self, call: Call) -> Reply:
         return await self._replay(call)
+
+    async def fill(self, call: Call) -> Reply | None:
+        model = call.request.model
+        if not self.cfg.cache.models or not self.cache.caches(model):
+            return None
+        if self.shared_cache is not None and self.fingerprints.current(model) is None:
+            await self._adopt()  # the fleet's answers are readable only once this model's fingerprint is known
+        return await self._fill(call)
+
+    async def _adopt(self) -> None:
+        """One look at what the fleet's models answer here, shared by every caller that waits for it."""
+        if self._adopting is None or self._adopting.done():
+            self._adopting = asyncio.get_running_loop().create_task(self.fingerprints.adopt())
+        await asyncio.shield(self._adopting)
 
     def demand(self) -> Demand:
         """Inference calls answered per model (the request counter's totals) and their rates now."""

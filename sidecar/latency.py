@@ -56,6 +56,15 @@ class LatencyModel:
         b0, b1 = sizes[i - 1], sizes[i]
         return known[b0] + (known[b1] - known[b0]) * (batch - b0) / (b1 - b0)
 
+    def knee(self, model: str, max_batch: int, share: float = 0.95) -> int:
+        """The smallest measured batch size whose rows per second are within ``share`` of the best measured:
+        past it a batch adds waiting, not throughput. ``max_batch`` until two sizes are known."""
+        known = {b: s for b, s in self._seconds.get(model, {}).items() if 0 < b <= max_batch and s > 0}
+        if len(known) < 2:
+            return max_batch
+        best = max(b / s for b, s in known.items())
+        return min(b for b, s in known.items() if b / s >= share * best)
+
     def cap(self, model: str, target: float, max_batch: int) -> int:
         """The largest batch (1..max_batch) predicted to answer within ``target`` seconds; ``max_batch``
         with no target or no data, 1 when even one row is predicted slower."""

@@ -7,8 +7,9 @@ latest snapshot, and hands back what it observes through :class:`Observations`: 
 traffic memory), batch shapes, models wanted or touched, failures of the model server, restriction
 keys the server named, model loads through the data port.
 
-The control plane asks a data plane for three things more (:class:`DataSide`): to replay a warm-up call
-through its cache, a report of what its cache and batcher hold, and the demand it served (:class:`Demand`).
+The control plane asks a data plane for four things more (:class:`DataSide`): to replay a warm-up call
+through its cache, to fill its cache with a recorded call, a report of what its cache and batcher hold, and
+the demand it served (:class:`Demand`).
 Nothing else crosses: the two never import each other, only this module. In one process a
 :class:`Link` carries both directions by plain calls; with worker processes (``workers``) the same two
 messages travel over a pipe per worker.
@@ -97,6 +98,10 @@ class DataSide(Protocol):
 
     async def replay(self, call: Call) -> Reply:
         """Send a warm-up call through the data plane's cache (its answer fills the cache)."""
+
+    async def fill(self, call: Call) -> Reply | None:
+        """Fill the cache with ``call``'s answer: from a cache if one holds it, else from the model server (through
+        the batcher, after live calls); None when the data plane does not cache the call's model."""
 
     def report(self) -> dict[str, Any]:
         """For /status: ``cache`` and ``batch`` (what they hold and learned)."""

@@ -105,6 +105,18 @@ def test_latency_model_caps_the_batch_within_the_target() -> None:
     assert lm.cap("m", 0.0, 32) == 32  # no target: the model's maximum
 
 
+def test_the_default_cap_is_the_smallest_batch_near_the_best_throughput() -> None:
+    lm = LatencyModel()
+    assert lm.knee("m", 32) == 32  # nothing learned yet: the model's maximum
+    # 100 rows/s alone, 400 at 8, 410 at 16, 420 at 32: past 8 a batch adds wait, hardly throughput.
+    for batch, seconds in ((1, 0.010), (8, 0.020), (16, 16 / 410), (32, 32 / 420)):
+        lm.observe("m", batch, seconds)
+    assert lm.knee("m", 32) == 8
+    assert lm.knee("m", 4) == 4  # what is measured past the model's maximum does not count
+    lm.observe("m", 64, 64 / 1000)  # a large batch that really pays: it is the knee now
+    assert lm.knee("m", 64) == 64
+
+
 # -- the stage --------------------------------------------------------------------------------------------
 
 
@@ -203,6 +215,24 @@ async def test_busy_server_gathers_arrivals_into_one_call() -> None:
     assert len(upstream.calls) == 2  # the first alone, then the seven gathered behind it
     assert rows_of(upstream.calls[1].request) == 7 and upstream.calls[1].wire is None
     assert all(own_rows(r, float(i)) for i, r in enumerate(replies))
+
+
+async def test_the_cache_fill_rides_only_where_callers_leave_rows() -> None:
+    """Calls filling the cache behind readiness wait behind every caller's call, older or not."""
+    stage, upstream = batcher(info=ModelInfo(4, instances=1)), Upstream()
+    upstream.release.clear()
+    blocker = asyncio.create_task(stage(call(0.0), upstream))
+    await until(lambda: len(upstream.calls) == 1)
+    fills = [dataclasses.replace(call(float(10 + i)), origin="fill") for i in range(6)]
+    filling = [asyncio.create_task(stage(c, upstream)) for c in fills]
+    await asyncio.sleep(0)
+    callers = [asyncio.create_task(stage(call(float(i)), upstream)) for i in (1, 2)]
+    await asyncio.sleep(0)
+    upstream.release.set()
+    replies = await asyncio.gather(blocker, *callers, *filling)
+    second = np.frombuffer(upstream.calls[1].request.inputs[0].data, dtype="<f4").reshape(-1, 2)[:, 0]
+    assert list(second) == [1.0, 2.0, 10.0, 11.0]  # both callers first, then fill calls up to the cap of 4
+    assert all(own_rows(r, v) for r, v in zip(replies, [0.0, 1.0, 2.0, *range(10, 16)], strict=True))
 
 
 async def test_a_poisoned_member_fails_alone() -> None:

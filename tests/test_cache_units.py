@@ -404,7 +404,7 @@ async def test_an_epoch_moved_by_another_replica_empties_this_replicas_memory() 
         def key(self, model: str, versions: str, digest: bytes) -> bytes:
             return b"%d:%d:" % self.epoch(model) + digest
 
-        async def get(self, key: bytes) -> bytes | None:
+        async def get(self, key: bytes, patient: bool = False) -> bytes | None:
             return None
 
         def put(self, key: bytes, data: bytes, ttl: float) -> None:

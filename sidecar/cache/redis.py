@@ -64,9 +64,11 @@ class RedisTier:
         generation = hashlib.blake2b(f"{model}\n{versions}\n{own}\n{every}".encode(), digest_size=8).hexdigest()
         return f"{self.namespace}:c:{generation}:".encode() + digest.hex().encode()
 
-    async def get(self, key: bytes) -> bytes | None:
-        """The stored bytes, or None on a miss, a failure, a timeout or an open breaker."""
-        data = await self.client.run("read", lambda: self.client.redis.get(key), self.timeout)
+    async def get(self, key: bytes, patient: bool = False) -> bytes | None:
+        """The stored bytes, or None on a miss, a failure, a timeout or an open breaker. ``patient``: a read no
+        caller waits for (the cache fill), allowed 20 times the read timeout, as a miss costs a model call."""
+        timeout = self.timeout * (20 if patient else 1)
+        data = await self.client.run("read", lambda: self.client.redis.get(key), timeout)
         return data if isinstance(data, bytes) else None
 
     def put(self, key: bytes, data: bytes, ttl: float) -> None:

@@ -42,6 +42,7 @@ class AdminActions:
     batch_report: Callable[[], dict[str, Any]]  # per batched model: cap, learned latencies, queue
     models_report: Callable[[], dict[str, Any]]  # per model: share, load/warm state, time to warm
     forecast_report: Callable[[], dict[str, Any] | None] = lambda: None  # lead, forecasts, capacity; None: off
+    fill_report: Callable[[], dict[str, Any]] = dict  # per model: the cache filled behind readiness
 
 
 class AdminFront:
@@ -183,8 +184,10 @@ class AdminFront:
             "batching": self.actions.batch_report() if self.actions is not None else {},
             "models": self.actions.models_report() if self.actions is not None else {},
             "forecast": self.actions.forecast_report() if self.actions is not None else None,
+            "cache_fill": self.actions.fill_report() if self.actions is not None else {},
             "plan": [
                 {"model": mp.model, "share": round(mp.share, 4), "max_batch": mp.max_batch,
+                 "covered": round(mp.covered, 4),
                  "calls": [{"kind": c.kind, "batch": c.batch, "shape": c.shape} for c in mp.calls]}
                 for mp in plan.models
             ],
@@ -233,6 +236,10 @@ class AdminFront:
             lines.append(f"batching {model}: cap {b['cap']} of {b['max_batch']}, {b['in_flight']}/{b['max_concurrent']}"
                          f" in flight, {b['waiting']} waiting, {b['batches']} batches, {b['retried_alone']} retried "
                          f"alone; latency by batch size: {latencies}")
+        for model, f in data["cache_fill"].items():
+            took = f"in {f['seconds']:.1f} s" if f["seconds"] is not None else f"{f['left']} left"
+            lines.append(f"cache fill {model}: {f['planned']} recorded calls behind readiness, {f['from_cache']} "
+                         f"from the caches, {f['from_model']} from the model server, {f['failed']} failed, {took}")
         lines += _forecast_lines(data["forecast"])
         if self.warmer.report is not None:
             lines += ["", self.warmer.report.render().rstrip()]

@@ -42,9 +42,10 @@ from ..warmup.recording import TrafficRecorder
 from ..warmup.store import StoreLimits, open_store
 from .admin import AdminActions, AdminFront
 from .demand import DemandForecast
+from .fill import Filler
 from .monitor import UpstreamMonitor
 from .ondemand import OnDemandLoader
-from .warmer import Warmer
+from .warmer import Warmer, own_headers
 
 log = logging.getLogger("sidecar")
 
@@ -80,12 +81,15 @@ class ControlPlane:
         self.store = open_store(cfg.store, limits, redis=redis)
         self.recording = TrafficRecorder(cfg.record, self.store, metrics, limits.capacity,
                                          secret_headers=secret_headers(cfg))
-        # Warm-up: it replays through the data plane's cache; its latencies reach the batcher by snapshot.
+        # Warm-up: it replays through the data plane's cache; its latencies reach the batcher by snapshot. What
+        # it did not need to measure fills the cache once the pod is ready.
+        self.filler = Filler(data.fill, self.machine, cfg.warmup.fill_concurrency, own_headers(cfg.restricted_api),
+                             cfg.upstream.timeout)
         self.latency = LatencyModel()
         self.warmer = Warmer(cfg, self.store, self.upstream, self.machine, metrics, send=data.replay,
                              catalog=ModelCatalog(self.upstream, cfg.warmup.max_batch), latency=self.latency,
                              book=self.book, loaded=lambda: self.monitor.loaded,
-                             grpc=self.grpc_upstream if cfg.grpc_listen else None)
+                             grpc=self.grpc_upstream if cfg.grpc_listen else None, fill=self.filler.add)
         self.monitor = UpstreamMonitor(self.upstream, cfg.upstream, self.machine, metrics, self.warmer,
                                        cfg.warmup.retry_interval, own_loading=lambda: self.warmer.loading > 0,
                                        own_models=self._own_models)
@@ -109,7 +113,8 @@ class ControlPlane:
                                 actions=AdminActions(self.flush_cache, self.monitor.rewarm, lambda: admin_token(cfg),
                                                      lambda: data.report().get("cache", {}),
                                                      lambda: data.report().get("batch", {}), self.book.report,
-                                                     lambda: self.demand.status() if self.demand else None))
+                                                     lambda: self.demand.status() if self.demand else None,
+                                                     self.filler.report))
         # HAProxy's agent-check port: the pod's weight and state in HAProxy's words (off by default).
         self.agent = AgentServer(cfg.mesh.agent_listen, self.machine) if cfg.mesh.agent_listen else None
         self._admin_runner: web.AppRunner | None = None
@@ -260,6 +265,8 @@ class ControlPlane:
         if self.cfg.record.enabled:
             self.supervisor.spawn("recorder", self.recording.run)
         self.supervisor.spawn("model-loader", self.loader.run)
+        if self.cfg.cache.models:
+            self.supervisor.spawn("cache-fill", self.filler.run)
         if self.epochs is not None:
             self.supervisor.spawn("cache-epochs", self._refresh_epochs)
         if self.demand is not None:

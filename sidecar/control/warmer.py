@@ -34,7 +34,7 @@ from ..state import State, StateMachine
 from ..upstream.grpc import GrpcUpstream
 from ..upstream.http import HttpUpstream
 from ..upstream.models import ModelCatalog
-from ..warmup.planner import ModelPlan, Plan, Planner
+from ..warmup.planner import ModelPlan, Plan, PlannedCall, Planner
 from ..warmup.replayer import Replayer, WarmupReport
 from ..warmup.store import TrafficStore
 
@@ -49,10 +49,12 @@ class Warmer:
                  metrics: Metrics, send: Send | None = None, catalog: ModelCatalog | None = None,
                  latency: LatencyModel | None = None, book: ModelBook | None = None,
                  loaded: Callable[[], frozenset[tuple[str, str]] | None] = lambda: None,
-                 grpc: GrpcUpstream | None = None) -> None:
+                 grpc: GrpcUpstream | None = None,
+                 fill: Callable[[str, list[PlannedCall]], None] = lambda _model, _calls: None) -> None:
         """``send``: where replayed calls enter the data plane (the response cache, so its answers fill it);
         by default straight to the model server. ``loaded``: what the model server has loaded, as the
-        monitor last saw it; ``grpc``: the model server's gRPC port, for loads."""
+        monitor last saw it; ``grpc``: the model server's gRPC port, for loads; ``fill``: takes each model's
+        planned calls its warm-up did not send, to fill the cache behind readiness."""
         self.cfg = cfg
         self.client = client
         self.catalog = catalog or ModelCatalog(client, cfg.warmup.max_batch)
@@ -75,6 +77,7 @@ class Warmer:
         self._loads: dict[str, asyncio.Task[bool]] = {}  # loads in flight, one per model
         self.protocol = "triton"
         self.loaded = loaded
+        self.fill = fill
 
     def __repr__(self) -> str:
         return f"<Warmer runs={self.runs} plan={self.plan.total_calls} calls {self.book!r}>"
@@ -224,6 +227,7 @@ class Warmer:
         concurrency = self.cfg.warmup.background_concurrency if background else None
         report = await self.replayer.run(Plan([model_plan] if model_plan else []), concurrency=concurrency)
         self._learn(report)
+        self.fill(name, report.unsent)
         return report
 
     def _ready_share_warm(self) -> bool:

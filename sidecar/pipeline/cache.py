@@ -124,14 +124,14 @@ class CacheStage:
         if not call.no_cache:
             found = self.memory.get(key)
             if found is not None:
-                self._count(model, "hit")
+                self._count(model, "hit", call.origin)
                 return Reply(200, response=found.response, source="cache", cache="hit")
         # Only on an in-process miss: a hit never pays for the shared tier's key (nor for the fingerprint).
         answers = self._answers(call)
         shared_key = self.shared.key(model, f"{self.generations.versions.get(model, '')}|{answers}", ident) \
             if self.shared is not None and answers is not None else b""
         if not call.no_cache:
-            hit = await self._lookup_shared(model, key, shared_key)
+            hit = await self._lookup_shared(model, key, shared_key, call.origin)
             if hit is not None:
                 return hit
         return await self._fetch(call, key, shared_key, next)
@@ -153,10 +153,10 @@ class CacheStage:
             return ""
         return self.fingerprints.current(call.request.model)
 
-    async def _lookup_shared(self, model: str, key: bytes, shared_key: bytes) -> Reply | None:
+    async def _lookup_shared(self, model: str, key: bytes, shared_key: bytes, origin: str) -> Reply | None:
         if self.shared is None or not shared_key:
             return None
-        data = await self.shared.get(shared_key)
+        data = await self.shared.get(shared_key, patient=origin == "fill")
         if data is None:
             return None
         try:
@@ -168,7 +168,7 @@ class CacheStage:
         if expires_at <= self.clock():
             return None
         self.memory.put(key, model, entries.Entry(response, stored_at, expires_at, entries.response_size(response)))
-        self._count(model, "redis_hit")
+        self._count(model, "redis_hit", origin)
         return Reply(200, response=response, source="cache", cache="hit")
 
     # -- misses: one upstream call for identical calls in flight ----------------------------------------
@@ -227,7 +227,7 @@ class CacheStage:
             response = reply.response()
         except (DecodeError, ValueError):
             return await next(call)
-        self._count(call.request.model, "coalesced")
+        self._count(call.request.model, "coalesced", call.origin)
         return Reply(200, response=response, source="coalesced", cache="coalesced")
 
     async def _lead(self, call: Call, key: bytes, shared_key: bytes, next: Next) -> Reply:
@@ -331,8 +331,8 @@ class CacheStage:
         }
 
     def _count(self, model: str, result: str, origin: str = "") -> None:
-        if origin == "warmup":
-            return  # replayed calls measure the model: they are no callers' misses
+        if origin in ("warmup", "fill"):
+            return  # the sidecar's own calls (measuring the model, filling the cache): no caller's hit or miss
         stats = self.stats.of(self.metrics.model_label(model))
         if result == "hit":
             stats.hits += 1

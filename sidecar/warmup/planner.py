@@ -65,6 +65,7 @@ class ModelPlan:
     share: float
     max_batch: int
     calls: list[PlannedCall] = field(default_factory=list)
+    covered: float = 0.0  # share of the model's recorded traffic its recorded calls carry
 
 
 @dataclass
@@ -88,7 +89,8 @@ class Plan:
             sizes = f"batch sizes {batches}" if m.max_batch else "no batch dimension"
             lines.append(
                 f"  {m.model}: {m.share:6.1%} of traffic, max batch {m.max_batch or '-'}; "
-                f"{kinds['recorded']} recorded, {kinds['seed']} seed, {kinds['sweep']} sweep; {sizes}"
+                f"{kinds['recorded']} recorded (covering {m.covered:.0%} of its calls), {kinds['seed']} seed, "
+                f"{kinds['sweep']} sweep; {sizes}"
             )
         if any(self.skipped.values()):
             lines.append("  recorded calls never replayed: " + ", ".join(
@@ -125,20 +127,22 @@ class Planner:
         total = sum(weights.values()) or 1.0
         plan = Plan()
         for model, weight in sorted(weights.items(), key=lambda kv: -kv[1]):
-            model_plan = await self._model_plan(model, weight / total, seeds.get(model, []), protocol, plan.skipped)
+            model_plan = await self._model_plan(model, weight, weight / total, seeds.get(model, []), protocol,
+                                                plan.skipped)
             if model_plan.calls:
                 plan.models.append(model_plan)
         return plan
 
-    async def _model_plan(self, model: str, share: float, seeds: list[PlannedCall], protocol: Protocol,
-                          skipped: dict[str, int]) -> ModelPlan:
-        recorded = await self.recorded(model, skipped)
+    async def _model_plan(self, model: str, weight: float, share: float, seeds: list[PlannedCall],
+                          protocol: Protocol, skipped: dict[str, int]) -> ModelPlan:
+        recorded = covering(await self.recorded(model, skipped), weight, self.cfg.record.coverage)
         base = recorded + seeds
         max_batch = await self.max_batch_of(model, protocol) or 0
         if max_batch == 0:
             # No batch dimension (or none known): a leading dimension is part of the shape, not a batch size.
             base = [dataclasses.replace(c, batch=NO_BATCH) for c in base]
-        plan = ModelPlan(model, share, max_batch, base)
+        covered = min(1.0, sum(c.weight for c in recorded) / weight) if weight > 0 else 0.0
+        plan = ModelPlan(model, share, max_batch, base, covered)
         if max_batch > 0 and base:
             histogram = {batch for _shape, batch, _w in await self.store.shapes(model)}
             plan.calls.extend(sweep(base, histogram, min(max_batch, self.cfg.warmup.max_batch)))
@@ -168,6 +172,19 @@ class Planner:
             log.warning("%d recorded call(s) of %s are never replayed: %s", sum(fresh.values()), model,
                         ", ".join(f"{n} {_SKIPPED[reason]}" for reason, n in sorted(fresh.items())))
         return calls
+
+
+def covering(calls: list[PlannedCall], total: float, coverage: float) -> list[PlannedCall]:
+    """The most frequent ``calls`` (they come heaviest first) until together they carry ``coverage`` of the
+    model's ``total`` recorded weight; all of them when they carry less."""
+    chosen: list[PlannedCall] = []
+    carried = 0.0
+    for call in calls:
+        if total > 0 and carried >= coverage * total:
+            break
+        chosen.append(call)
+        carried += call.weight
+    return chosen
 
 
 def _check_all(stored: list[StoredRequest], previous: dict[_Checked, PlannedCall | str], secrets: frozenset[bytes]

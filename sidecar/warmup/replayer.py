@@ -1,10 +1,13 @@
 """Replays a warm-up plan until latency has converged: readiness is earned, not timed.
 
-The first pass sends every planned call once (``concurrency`` at a time, models in plan order);
-later passes measure the groups not yet converged on a sample of their calls. A (model, shape)
-group is converged when its last two passes' latencies (the slowest call of a small group, the
-90th percentile of a large one) are within ``convergence_ratio`` of each other, both ways. A
-call the server refuses is reported and dropped from later passes, never retried forever.
+Every pass measures each (model, shape) group on a sample of its calls (the most frequent first;
+``concurrency`` at a time, models in plan order), the groups not yet converged only after the first. A
+group is converged when its last two passes' latencies (the slowest call of a small group, the 90th
+percentile of a large one) are within ``convergence_ratio`` of each other, both ways. A call the server
+refuses is reported and dropped from later passes, never retried forever.
+
+Readiness waits for the measuring only: the planned calls no pass needed are handed back
+(``WarmupReport.unsent``) and fill the response cache behind readiness (``control/fill.py``).
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ class WarmupReport:
     reasons: list[str] = field(default_factory=list)  # per model, when a warm-up is made of several
     started: float = field(default_factory=time.time)
     finished: float | None = None
+    unsent: list[PlannedCall] = field(default_factory=list)  # planned calls no pass needed: the cache fill's
 
     def render(self) -> str:
         lines = [f"last warm-up: {self.passes} pass(es), {'complete' if self.complete else 'INCOMPLETE'}"
@@ -68,7 +72,6 @@ class Replayer:
         ``restricted_api`` for inference, without which a model server restricted alike refuses them."""
         self.cfg = cfg
         self.own_headers = own_headers
-        self._own_names = frozenset(name.lower() for name, _ in own_headers)
         self.send = send
         self.metrics = metrics
         self.timeout = timeout
@@ -106,15 +109,18 @@ class Replayer:
 
     async def _passes(self, calls: list[PlannedCall], report: WarmupReport, limit: int | None) -> None:
         live = list(calls)
+        sent: set[int] = set()
+        report.unsent = live
         while live and (limit is None or report.passes < limit):
-            # The first pass replays everything (every shape runs once; the cache fills); later passes only
-            # measure the groups not yet converged, on a sample of each: 1,000 recorded calls of one shape
-            # need not run 1,000 times a pass to show their latency has settled.
-            this_pass = live if report.passes == 0 else _sample(live, report)
+            # A sample of each group: every shape runs at once, and 1,000 recorded calls of one shape need not run
+            # before the pod is ready to show that its latency has settled (the rest fill the cache after).
+            this_pass = _sample(live, report)
             latencies = await self._one_pass(this_pass, report)
             report.passes += 1
+            sent.update(id(c) for c in this_pass)
             failed = {id(c) for c, lat in latencies if lat is None}
             live = [c for c in live if id(c) not in failed]
+            report.unsent = [c for c in live if id(c) not in sent]
             self._record_pass(report, latencies)
             self.on_progress(_progress(report))
             if report.passes >= self.cfg.min_passes and all(
@@ -140,15 +146,7 @@ class Replayer:
         if is_stateful(call.request):  # the planner leaves these out; a sequence must never be touched here
             self._failed(call, report, "a call of a sequence is never replayed")
             return None
-        loop = asyncio.get_running_loop()
-        headers = (*((k.encode("latin-1"), v.encode("latin-1")) for k, v in call.headers),
-                   *(h for h in call.context if h[0].lower() not in self._own_names), *self.own_headers)
-        wire = HttpWire(call.path.encode("latin-1"), headers, call.body)
-        # no_cache: a replayed call measures the model, so it is never answered from the cache, but its
-        # answer is stored there (warm from the first request), under the identity its callers' calls have
-        # (the same context).
-        replayed = Call(call.request, f"warmup-{call.kind}", loop.time() + self.timeout, wire, route="warmup",
-                        origin="warmup", no_cache=True, context=call.context)
+        replayed = replay_call(call, self.own_headers, self.timeout)
         started = time.perf_counter()
         try:
             reply = await self.send(replayed)
@@ -187,11 +185,27 @@ class Replayer:
                 group.converged = high <= ratio * low or high - low <= _NOISE_FLOOR
 
 
+def replay_call(call: PlannedCall, own_headers: tuple[Header, ...], timeout: float, origin: str = "warmup") -> Call:
+    """The call that replays ``call``: its canonical HTTP form, the headers that reach the model, and the
+    sidecar's own (``own_headers``, which replace any of the same name). A ``warmup`` call measures the model,
+    so it is never answered from the cache, but its answer is stored there under the identity its callers'
+    calls have (the same context); a ``fill`` call may be answered by the cache (the fleet's tier fills this
+    one's)."""
+    own = {name.lower() for name, _ in own_headers}
+    headers = (*((k.encode("latin-1"), v.encode("latin-1")) for k, v in call.headers),
+               *(h for h in call.context if h[0].lower() not in own), *own_headers)
+    wire = HttpWire(call.path.encode("latin-1"), headers, call.body)
+    deadline = asyncio.get_running_loop().time() + timeout
+    return Call(call.request, f"{origin}-{call.kind}", deadline, wire, route=origin, origin=origin,
+                no_cache=origin == "warmup", context=call.context)
+
+
 _SAMPLE = 16  # calls per group replayed by a measuring pass
 
 
 def _sample(live: list[PlannedCall], report: WarmupReport) -> list[PlannedCall]:
-    """The first calls (the most frequent) of every group not yet converged, at most _SAMPLE each."""
+    """The first calls (the most frequent) of every group not yet converged, at most _SAMPLE each (before the
+    first pass no group is)."""
     taken: dict[tuple[str, str], int] = {}
     chosen = []
     for call in live:
