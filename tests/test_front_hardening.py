@@ -9,6 +9,7 @@ import concurrent.futures
 import gzip
 import re
 import socket
+import statistics
 import threading
 import time
 import zlib
@@ -267,7 +268,10 @@ def test_a_huge_body_decodes_without_stalling_the_probes(sidecar: SidecarProcess
             latencies.append(time.monotonic() - started)
         answer = sent.result()
     assert answer.status == 400  # Triton's own answer about the unknown input
-    assert len(latencies) > 5 and max(latencies) < 0.1, f"slowest /livez {max(latencies):.3f} s"
+    # Parsing this body takes seconds; a probe held up for a fraction of one is hand-off (copying the bytes to
+    # the decoder and back), and on a shared CI core with other test modules beside it that is tens of ms.
+    assert len(latencies) > 5 and max(latencies) < 0.5, f"slowest /livez {max(latencies):.3f} s"
+    assert statistics.median(latencies) < 0.05
 
 
 def test_bodies_in_flight_are_bounded_by_the_memory_budget(triton: TritonServer, tmp_path: Path) -> None:

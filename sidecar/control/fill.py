@@ -41,12 +41,13 @@ class _ModelFill:
     failed: int = 0
     started: float | None = None
     finished: float | None = None
+    inflight: int = 0  # taken from pending and not yet answered: the fill is done only when both are empty
     pending: collections.deque[PlannedCall] = field(default_factory=collections.deque)
 
     def as_dict(self) -> dict[str, Any]:
         took = None if self.started is None or self.finished is None else round(self.finished - self.started, 3)
         return {"planned": self.planned, "from_cache": self.from_cache, "from_model": self.from_model,
-                "failed": self.failed, "left": len(self.pending), "seconds": took}
+                "failed": self.failed, "left": len(self.pending) + self.inflight, "seconds": took}
 
 
 class Filler:
@@ -100,10 +101,14 @@ class Filler:
             entry, planned = taken
             if entry.started is None:
                 entry.started = time.time()
+            entry.inflight += 1
             try:
                 reply = await self.fill(replay_call(planned, self.own_headers, self.timeout, origin="fill"))
             except SidecarError:
                 entry.failed += 1
+            except asyncio.CancelledError:
+                entry.pending.appendleft(planned)  # not answered: sent again when the pod is warm again
+                raise
             else:
                 if reply is None:
                     entry.pending.clear()  # the data plane does not cache this model: nothing to fill
@@ -113,7 +118,9 @@ class Filler:
                     entry.from_cache += 1
                 else:
                     entry.from_model += 1
-            if not entry.pending and entry.finished is None:
+            finally:
+                entry.inflight -= 1
+            if not entry.pending and not entry.inflight and entry.finished is None:
                 entry.finished = time.time()
                 log.info("cache filled for %s: %d answers from the caches, %d from the model server, %d failed",
                          planned.model, entry.from_cache, entry.from_model, entry.failed)
