@@ -15,7 +15,11 @@ sentences (``bench/minilm.py``); "unique" load makes every text unique, so no ca
    recorded earlier by another replica under the same load; it warms up by replaying the top-N (which
    fills its cache), then serves the load;
 6. the Redis tier: replica A (cache + batching, cache.redis) serves the load; then a fresh Triton and a
-   fresh sidecar B sharing that Redis (and no traffic memory of their own) serve it.
+   fresh sidecar B sharing that Redis (and no traffic memory of their own) serve it;
+7. the first minute: a pod launched into waiting traffic, load sent from the moment it says ready until
+   60 s after launch, calls served (2xx) and their p99: Triton plain (7a), Triton's best (7b), the sidecar
+   with default settings (only cache.models and batch.models) and a store another replica recorded for
+   ``--first-record-seconds`` (7c), and the same sidecar sharing a Redis tier with a warm replica (7d).
 
 Time to ready: Triton, from launch until /v2/health/ready says 200 with the model loaded; the sidecar
 cases, from launching the pod (sidecar and Triton together) until the sidecar's /readyz says 200. The
@@ -52,8 +56,10 @@ from bench.loadgen import WrkResult, run_wrk_script  # noqa: E402
 from tests.servers import RedisServer, ServerExited, TritonServer, http_status, wait_until  # noqa: E402
 from tests.sidecar_proc import SidecarProcess  # noqa: E402
 
-CASES = ("1", "2", "3", "4", "5", "6")
+CASES = ("1", "2", "3", "4", "5", "6", "7")
 ORDER = ("1", "2", "3", "4-ref", "4", "5", "6")  # rows of the table
+FIRST_ORDER = ("7a", "7b", "7c", "7d")  # rows of the first-minute table
+FIRST_MINUTE = 60.0
 TRITON_START_TIMEOUT = 300.0
 WRK_TIMEOUT = 10.0  # seconds a request may take before wrk counts it as an error (its default is 2 s)
 # The sidecar as the bench runs it: quiet, quick to notice Triton, no drain delay when a case ends.
@@ -248,6 +254,39 @@ class Bench:
                                 f"{stats['shared_hits']:.0f} answers from Redis during the load, "
                                 f"{stats['redis_errors']:.0f} Redis errors)"))
 
+    # -- the first minute
+    def first_minute(self, key: str, name: str, ready: float, url: str) -> Measured:
+        """Load from ready until FIRST_MINUTE seconds after launch; the calls served are wrk's 2xx."""
+        left = max(1.0, FIRST_MINUTE - ready)
+        progress(f"  ready after {ready:.1f} s: {left:.1f} s of load until the minute ends")
+        return self.keep(Measured(key, name, self.load(url, seconds=left), ready))
+
+    def case_first_minute(self) -> None:
+        for key, variant, name in (("7a", "plain", "Triton plain"), ("7b", "cache", "Triton's best (c)")):
+            progress(f"case {key}: first minute, {name}")
+            triton = self.triton(variant, f"case{key}")  # type: ignore[arg-type]
+            started = time.monotonic()
+            with triton.start(TRITON_START_TIMEOUT):
+                wait_until(lambda t=triton: t.model_ready(minilm.MODEL), 60, "model ready")
+                self.first_minute(key, name, time.monotonic() - started, triton.url)
+        defaults = [*CACHE_AND_BATCH, *self.args.set]
+        recorded = self.work / "case7-replica" / "traffic.db"
+        progress(f"case 7c: a replica records {self.args.first_record_seconds:g} s of the Zipf load")
+        with self.pod("case7-replica", defaults, str(recorded)) as (_, sidecar, _ready):
+            self.load(sidecar.url, seconds=self.args.first_record_seconds)
+        store = copy_store(recorded, self.work / "case7c" / "traffic.db")
+        progress("case 7c: first minute, the sidecar with default settings and that store")
+        with self.pod("case7c", defaults, str(store)) as (_, sidecar, ready):
+            self.first_minute("7c", "sidecar, defaults, another replica's store", ready, sidecar.url)
+        with RedisServer(self.work / "redis7") as redis:
+            shared = [*defaults, f"cache.redis={redis.url}"]
+            progress(f"case 7d: a warm replica shares Redis and serves {self.args.first_record_seconds:g} s")
+            self.replica("case7d-replica", shared, "7d-replica", str(self.work / "case7d-replica" / "traffic.db"))
+            progress("case 7d: first minute, a new pod sharing that Redis and the replica's store")
+            store = copy_store(self.work / "case7d-replica" / "traffic.db", self.work / "case7d" / "traffic.db")
+            with self.pod("case7d", shared, str(store)) as (_, sidecar, ready):
+                self.first_minute("7d", "sidecar, defaults + Redis shared with a warm replica", ready, sidecar.url)
+
     def run(self, cases: Sequence[str]) -> None:
         steps: dict[str, Callable[[], object]] = {
             "1": lambda: self.case_triton("1", "plain", "Triton plain (a)"),
@@ -256,6 +295,7 @@ class Bench:
             "4": self.case_batching,
             "5": self.case_headline,
             "6": self.case_redis,
+            "7": self.case_first_minute,
         }
         for key in cases:
             steps[key]()
@@ -388,7 +428,7 @@ def table(results: dict[str, Measured]) -> str:
     lines = ["| case | req/s | p50 ms | p99 ms | errors | time to ready s | req/s vs (c) | req/s vs (a) | "
              "p99 vs (c) | cache hits | rows per upstream call |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for key in sorted(results, key=ORDER.index):
+    for key in sorted((k for k in results if k in ORDER), key=ORDER.index):
         m = results[key]
         r = m.result
         hit, rows = m.stats.get("hit_ratio"), m.stats.get("rows_per_batch")
@@ -397,6 +437,19 @@ def table(results: dict[str, Measured]) -> str:
             f"{cell(ratio(r.rps, best, 'rps'))} | {cell(ratio(r.rps, plain, 'rps'))} | "
             f"{cell(ratio(r.p99, best, 'p99'))} | {'-' if hit is None else f'{hit:.1%}'} | "
             f"{'-' if rows is None else f'{rows:.1f}'} |")
+    return "\n".join(lines)
+
+
+def first_minute_table(results: dict[str, Measured]) -> str:
+    best = results.get("7b")
+    lines = ["| first minute | time to ready s | calls served (2xx) | p99 ms | calls vs Triton's best "
+             "| p99 vs Triton's best |", "|---|---|---|---|---|---|"]
+    for key in (k for k in FIRST_ORDER if k in results):
+        m = results[key]
+        served = m.result.requests - m.result.errors
+        calls = cell(served / (best.result.requests - best.result.errors)) if best else "-"
+        lines.append(f"| {key}. {m.name} | {m.ready:.1f} | {served:,} | {m.result.p99 * 1e3:.1f} | {calls} | "
+                     f"{cell(ratio(m.result.p99, best, 'p99'))} |")
     return "\n".join(lines)
 
 
@@ -416,6 +469,12 @@ def goals(results: dict[str, Measured]) -> list[Goal]:
         found.append(Goal("5", "throughput vs Triton plain (a)", head.result.rps / plain.result.rps, 10.0, True))
     if redis and best:
         found.append(Goal("6", "throughput vs Triton's best (c)", redis.result.rps / best.result.rps, 2.0, True))
+    first, sidecar = results.get("7b"), results.get("7c")
+    if first and sidecar:
+        found += [Goal("7c", "first-minute calls served vs Triton's best",
+                       (sidecar.result.requests - sidecar.result.errors) / max(1, first.result.requests
+                                                                               - first.result.errors), 1.3, True),
+                  Goal("7c", "first-minute p99 vs Triton's best", sidecar.result.p99 / first.result.p99, 0.8, False)]
     return found
 
 
@@ -424,6 +483,8 @@ def report(results: dict[str, Measured], args: argparse.Namespace) -> str:
              f"recording/replica A {args.record_seconds:g} s, record.top_n {args.top_n}; "
              f"Zipf({minilm.ZIPF_S}) over {minilm.CORPUS_SIZE:,} texts (top {args.top_n}: "
              f"{minilm.top_share(args.top_n):.0%} of calls)", "", table(results)]
+    if any(k in results for k in FIRST_ORDER):
+        lines += ["", first_minute_table(results)]
     found = goals(results)
     if found:
         lines += ["", "| case | goal | measured | bound | |", "|---|---|---|---|---|", *(g.row() for g in found)]
@@ -452,6 +513,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--connections", type=int, default=32)
     p.add_argument("--cases", default=",".join(CASES), help="comma-separated subset of 1-6")
     p.add_argument("--top-n", type=int, default=1000, help="record.top_n of case 5's sidecars")
+    p.add_argument("--first-record-seconds", type=float, default=20,
+                   help="seconds of traffic another replica recorded before case 7's pods launch")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra setting for every sidecar (cases 4-6; repeatable), e.g. batch.max_delay=0.5")
     p.add_argument("--ready-timeout", type=float, default=900, help="seconds a pod may take to become ready")

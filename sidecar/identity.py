@@ -55,7 +55,7 @@ def cache_key(req: InferenceRequest, generation: str, scope: bytes = b"") -> byt
 
 def is_stateful(req: InferenceRequest) -> bool:
     """A call of a sequence (Triton's sequence batcher): never cached, batched, recorded or replayed."""
-    return any(k in _SEQUENCE_OPTIONS for k, _ in req.options)
+    return bool(req.options) and any(k in _SEQUENCE_OPTIONS for k, _ in req.options)
 
 
 def _by_name(t: Tensor | RequestedOutput) -> str:

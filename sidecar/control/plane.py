@@ -53,7 +53,7 @@ log = logging.getLogger("sidecar")
 def store_limits(cfg: Config) -> StoreLimits:
     r = cfg.record
     return StoreLimits(
-        capacity=max(4 * r.top_n, 64), max_payload_bytes=r.max_payload_bytes, max_total_bytes=r.max_total_bytes,
+        capacity=max(2 * r.top_n, 64), max_payload_bytes=r.max_payload_bytes, max_total_bytes=r.max_total_bytes,
         payload_ttl=r.payload_ttl, half_life=r.half_life,
     )
 
@@ -81,6 +81,7 @@ class ControlPlane:
         self.store = open_store(cfg.store, limits, redis=redis)
         self.recording = TrafficRecorder(cfg.record, self.store, metrics, limits.capacity,
                                          secret_headers=secret_headers(cfg))
+        self.seen = self.recording.offer  # type: ignore[method-assign]  # on every call: no hop of its own
         # Warm-up: it replays through the data plane's cache; its latencies reach the batcher by snapshot. What
         # it did not need to measure fills the cache once the pod is ready.
         self.filler = Filler(data.fill, self.machine, cfg.warmup.fill_concurrency, own_headers(cfg.restricted_api),

@@ -37,7 +37,8 @@ from ..upstream.router import UpstreamRouter
 
 Encoder = Callable[[Call, Reply], Answer]  # ValueError (or DecodeError) when the answer cannot take the form
 MetaPair = tuple[str | bytes, str | bytes]
-_CREDENTIALS = frozenset({"authorization", "cookie"})
+_CREDENTIALS = frozenset({"authorization", "cookie", b"authorization", b"cookie"})
+_CACHE_CONTROL = frozenset({"cache-control", b"cache-control"})
 
 
 class Edge:
@@ -49,6 +50,8 @@ class Edge:
         self.load = load
         self.rules = rules
         self.scope_header = scope_header.lower()
+        self._scope_names: frozenset[str | bytes] = (
+            frozenset({self.scope_header, self.scope_header.encode("latin-1")}) if self.scope_header else frozenset())
         self.default_timeout = default_timeout
         # Request ids: a random per-process prefix and a counter; unique without a syscall per call.
         self._id_prefix = os.urandom(8).hex()
@@ -71,16 +74,16 @@ class Edge:
         call = Call(request if request is not None else fallback, request_id, deadline, wire, modelled, route,
                     origin)
         call.memo = memo
-        scope_header = self.scope_header
+        scope = self._scope_names
         for key, value in headers:
-            name = key.lower() if isinstance(key, str) else key.decode("latin-1").lower()
-            if name == "cache-control":
+            name = key.lower()  # bytes (HTTP, as sent) or str (gRPC metadata): each set holds both forms
+            if name in _CACHE_CONTROL:
                 tokens = {t.split("=")[0].strip().lower() for t in _text(value).split(",")}
                 call.no_store = "no-store" in tokens
                 call.no_cache = "no-cache" in tokens
             elif name in _CREDENTIALS:
                 call.private = True
-            if scope_header and name == scope_header:
+            if name in scope:
                 call.scope = value if isinstance(value, bytes) else value.encode()
         if self.rules.active:
             # As the server will read them: the headers as they go upstream.

@@ -186,13 +186,13 @@ class HttpFront:
         response = reply.response()
         memo = call.memo if call.memo is not None and call.memo.request is call.request else None
         if memo is not None and memo.answer is not None and memo.answer[0] is response:
-            headers, body = memo.answer[1]
-            return HttpAnswer(200, b"", tuple(headers), body)
-        encoded_headers, body = dispatch.encode_answer(call.request, response)
-        headers = tuple(encoded_headers)
+            encoded: HttpAnswer = memo.answer[1]  # immutable: the same answer object serves every such hit
+            return encoded
+        headers, body = dispatch.encode_answer(call.request, response)
+        answer = HttpAnswer(200, b"", tuple(headers), body)
         if memo is not None and reply.cache == "hit" and len(body) <= _MEMO_ANSWER:
-            memo.answer = (response, (headers, body))
-        return HttpAnswer(200, b"", headers, body)
+            memo.answer = (response, answer)
+        return answer
 
     # -- readiness paths while not warm --------------------------------------------------------------
 

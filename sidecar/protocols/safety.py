@@ -17,8 +17,9 @@ which refuses it with its own words. The HTTP check must hold whatever the codec
 because a call the codec cannot model still goes to the model server untouched - and Triton reads
 JSON its own way: invalid UTF-8, NaN, a byte-order mark and deep nesting pass; a duplicated key means
 its *first* value (RapidJSON's lookup); the Inference-Header-Content-Length is read leniently. So a
-cheap scan of the raw bytes finds every bracketed list of integers (any key, however it is spelt)
-whose product exceeds both the body's length and ``UNSAFE_DECLARED_BYTES / 4``; only then is the body
+cheap scan of the raw bytes finds every bracketed list of integers that is the value of a key reading
+``shape`` (however it is spelt: escapes are decoded as Triton decodes them; a key that cannot be read
+counts) whose product exceeds both the body's length and ``UNSAFE_DECLARED_BYTES / 4``; only then is the body
 read carefully, Triton's way, and every tensor checked. Anything ambiguous with such a shape in it (a
 header length that is not a plain decimal, two of them, a body that will not parse even leniently) is
 refused: it cannot be proven safe. The gRPC codec calls :func:`check_counted` for each input while it
@@ -39,21 +40,35 @@ UNSAFE_DECLARED_BYTES = 16 * 1024 * 1024
 _MIN_ELEMENTS = UNSAFE_DECLARED_BYTES // 4
 _INT64 = 2**63
 _UINT64 = 2**64
-_INT_LIST = re.compile(rb"\[\s*(\d{1,40}(?:\s*,\s*\d{1,40})*)\s*\]")
+# A list of integers that is a key's value: "key": [1, 2, ...] (a shape is always one; data lists nested in
+# "data", or its rows, are not).
+_KEYED_INT_LIST = re.compile(rb'"((?:[^"\\]|\\.)*)"\s*:\s*\[\s*(\d{1,40}(?:\s*,\s*\d{1,40})*)\s*\]')
 _SIZES = {"BOOL": 1, "UINT8": 1, "INT8": 1, "UINT16": 2, "INT16": 2, "FP16": 2, "BF16": 2, "UINT32": 4,
           "INT32": 4, "FP32": 4, "UINT64": 8, "INT64": 8, "FP64": 8}
 
 
 def suspicious(body: bytes) -> bool:
-    """Whether some list of integers in ``body`` declares more elements than the body could hold."""
+    """Whether some ``shape`` in ``body`` (a list of integers under a key that reads "shape", escapes decoded as
+    Triton decodes them) declares more elements than the body could hold."""
     floor = max(len(body), _MIN_ELEMENTS)
-    for match in _INT_LIST.finditer(body):
-        numbers = [int(n) for n in match.group(1).split(b",")]
+    for match in _KEYED_INT_LIST.finditer(body):
+        if not _may_be_shape(match.group(1)):
+            continue
+        numbers = [int(n) for n in match.group(2).split(b",")]
         if len(numbers) == 1 and numbers[0] <= floor:
             continue
         if math.prod(numbers) > floor:
             return True
     return False
+
+
+def _may_be_shape(key: bytes) -> bool:
+    if b"\\" not in key:
+        return key == b"shape"
+    try:
+        return bool(json.loads(b'"' + key + b'"') == "shape")
+    except ValueError:
+        return True  # a key that cannot be read is not proven to be another one
 
 
 def check(body: bytes, header_lengths: list[bytes]) -> None:

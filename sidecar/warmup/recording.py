@@ -53,6 +53,9 @@ def wire_size(call: Call) -> int:
 
 _HASH_INLINE = 1024 * 1024
 _DRAIN_EVERY = 0.02
+# Payloads encoded and checked per model per flush at most: with every call distinct (nothing to replay) a
+# flush would otherwise check thousands; the heaviest keys go first, the others at later flushes.
+_PAYLOADS_PER_FLUSH = 200
 
 
 class _Source:
@@ -220,11 +223,13 @@ class TrafficRecorder:
         sources: list[tuple[int, _Source]] = []  # index in samples, what its payload is made from
         now = time.time()
         for model, memory in self._models.items():
+            budget = _PAYLOADS_PER_FLUSH  # the heaviest first; the rest get theirs at a later flush
             for key, count, _error in memory.sketch.top(self.capacity):
                 shape, batch, source = memory.meta.get(key, ("", 1, None))
                 sent = self._payload_sent.get(key)
-                if source is not None and (sent is None or now - sent >= self.cfg.payload_ttl / 2):
+                if source is not None and budget > 0 and (sent is None or now - sent >= self.cfg.payload_ttl / 2):
                     sources.append((len(samples), source))
+                    budget -= 1
                 samples.append(Sample(model, key, shape, batch, count, b""))  # b"" keeps what the store has
         self._models.clear()
         if sources:
