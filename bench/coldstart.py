@@ -77,9 +77,12 @@ def body(batch: int, seed: int) -> bytes:
 
 
 async def traffic(url: str, per_batch: int, concurrency: int, started: float,
-                  batches: Sequence[int] = BATCHES) -> list[Sample]:
-    """``per_batch`` calls at each batch size, interleaved, ``concurrency`` at a time."""
-    plan = iter(list(itertools.chain.from_iterable(itertools.repeat(tuple(batches), per_batch))))
+                  batches: Sequence[int] = BATCHES, until: float | None = None) -> list[Sample]:
+    """``per_batch`` calls at each batch size, interleaved, ``concurrency`` at a time; with ``until`` (a
+    ``time.monotonic()`` instant) the batch sizes cycle until then instead, whatever the count."""
+    cycle = itertools.cycle(batches) if until is not None else itertools.chain.from_iterable(
+        itertools.repeat(tuple(batches), per_batch))
+    plan = itertools.takewhile(lambda _: until is None or time.monotonic() < until, cycle)
     bodies = {b: [body(b, seed) for seed in range(8)] for b in batches}
     samples: list[Sample] = []
     timeout = aiohttp.ClientTimeout(total=120)
@@ -121,18 +124,21 @@ def record(work: Path, store: str, per_batch: int = 5) -> None:
         asyncio.run(traffic(sidecar.url, per_batch, 1, time.monotonic()))
 
 
-def run_triton(name: str, repo: Path, work: Path, per_batch: int, steady: int, concurrency: int) -> Case:
+def run_triton(name: str, repo: Path, work: Path, per_batch: int, steady: int, concurrency: int,
+               minute: float | None = None) -> Case:
+    """``minute``: the window is every call sent from ready until that many seconds after launch."""
     case = Case(name)
     started = time.monotonic()
     with TritonServer(repo, work / name, models=[MODEL]).start(TRITON_START_TIMEOUT) as triton:
         case.ready = time.monotonic() - started
-        case.samples = asyncio.run(traffic(triton.url, per_batch, concurrency, started))
+        case.samples = asyncio.run(traffic(triton.url, per_batch, concurrency, started,
+                                           until=None if minute is None else started + minute))
         case.steady = asyncio.run(traffic(triton.url, steady, concurrency, started))
     return case
 
 
 def run_sidecar(work: Path, store: str, per_batch: int, steady: int, concurrency: int,
-                name: str = "sidecar") -> Case:
+                name: str = "sidecar", minute: float | None = None) -> Case:
     case = Case(name)
     triton = TritonServer(MODELS_TORCH_DIR, work / name, models=[MODEL])
     sidecar = SidecarProcess(triton.url, work, "triton", ["--store", store, *FAST], wait="listening")
@@ -146,6 +152,7 @@ def run_sidecar(work: Path, store: str, per_batch: int, steady: int, concurrency
         triton.start(TRITON_START_TIMEOUT)
         sidecar.wait_until_ready(timeout=600)
         case.ready = time.monotonic() - started
-        case.samples = asyncio.run(traffic(sidecar.url, per_batch, concurrency, started))
+        case.samples = asyncio.run(traffic(sidecar.url, per_batch, concurrency, started,
+                                           until=None if minute is None else started + minute))
         case.steady = asyncio.run(traffic(sidecar.url, steady, concurrency, started))
     return case

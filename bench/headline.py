@@ -12,8 +12,9 @@ sentences (``bench/minilm.py``); "unique" load makes every text unique, so no ca
 4. batching alone, unique load: the sidecar batching in front of plain Triton, against Triton's dynamic
    batcher under the same load (4-ref);
 5. the headline, from a cold pod: the sidecar (cache + batching) in front of plain Triton, with a store
-   recorded earlier by another replica under the same load; it warms up by replaying the top-N (which
-   fills its cache), then serves the load;
+   recorded earlier by another replica under the same load; it warms up on a sample of each shape's
+   recorded calls, turns ready, fills its cache with the rest of the top-N behind readiness and serves
+   the load;
 6. the Redis tier: replica A (cache + batching, cache.redis) serves the load; then a fresh Triton and a
    fresh sidecar B sharing that Redis (and no traffic memory of their own) serve it;
 7. the first minute: a pod launched into waiting traffic, load sent from the moment it says ready until
@@ -482,7 +483,9 @@ def report(results: dict[str, Measured], args: argparse.Namespace) -> str:
     lines = [f"{args.connections} connections, {args.seconds:g} s of load per case, "
              f"recording/replica A {args.record_seconds:g} s, record.top_n {args.top_n}; "
              f"Zipf({minilm.ZIPF_S}) over {minilm.CORPUS_SIZE:,} texts (top {args.top_n}: "
-             f"{minilm.top_share(args.top_n):.0%} of calls)", "", table(results)]
+             f"{minilm.top_share(args.top_n):.0%} of calls)"]
+    if any(k in results for k in ORDER):
+        lines += ["", table(results)]
     if any(k in results for k in FIRST_ORDER):
         lines += ["", first_minute_table(results)]
     found = goals(results)

@@ -43,7 +43,7 @@ from .pipeline.gate import Gate
 from .pipeline.recorder import Recorder
 from .pipeline.stage import Stage, chain
 from .planes import INFERENCE_ROUTES, Demand, Observations, Snapshot, View
-from .protocols import forwarded, restrict
+from .protocols import forwarded, kserve_http, restrict
 from .protocols.request import InferenceRequest, InferenceResponse
 from .redis.client import RedisClients
 from .state import State
@@ -110,6 +110,7 @@ class DataPlane:
         self.load = LoadTracker()
         self.edge = Edge(self.pipeline, self.router, observations, self.load, self.rules, cfg.cache.scope_header,
                          cfg.upstream.timeout)
+        kserve_http.keep_float_texts(cfg.cache.text_bytes)
         self.decoder = RequestDecoder(cfg.limits.inline_decode_bytes, cfg.limits.decode_workers,
                                       cfg.limits.max_body_bytes)
         self.http = HttpFront(cfg, self.edge, view, metrics, self.decoder, MemoryBudget(cfg.limits.max_inflight_bytes),

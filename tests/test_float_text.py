@@ -22,7 +22,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sidecar.protocols import float_text
+from sidecar.protocols import float_text, kserve_http
 from sidecar.protocols.float_text import double_texts, json_array
 from tests.servers import MODELS_DIR, TritonServer
 from tests.wire import exchange
@@ -367,3 +367,17 @@ def test_a_signalling_nan_is_written_as_nan_without_a_warning() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert json_array(values, non_finite=True) == b"[NaN,NaN,1.0]"
+
+
+@given(st.lists(st.integers(0, 40), min_size=1, max_size=60), st.integers(0, 4096))
+def test_the_answer_text_memo_stays_within_its_budget_and_never_changes_a_text(picks: list[int], budget: int) -> None:
+    """``cache.text_bytes``: the memo of float answers' JSON text holds at most its budget, and what it gives
+    is always the text written afresh, whatever it kept or let go of."""
+    memo = kserve_http._FloatTexts(budget)
+    tensors = [np.arange(i, i + 8, dtype=np.float32) / 7 for i in range(41)]
+    for i in picks:
+        data = tensors[i].tobytes()
+        assert memo.get("FP32", data) == float_text.json_array(tensors[i])
+        assert memo.used <= memo.max_bytes
+    memo.resize(budget // 2)
+    assert memo.used <= budget // 2

@@ -563,9 +563,28 @@ def explicit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TritonS
         yield triton, proc
 
 
+_TRITON_WRITER_ABORT = "!byte_buffer->Valid()"
+
+
+def _streams(triton: TritonServer, proc: SidecarProcess, requests: list[tuple[str, list[grpcclient.InferInput], str]],
+             expect: int) -> list[dict[str, Any]]:
+    """The stream's results directly and through the sidecar. Triton's own gRPC writer aborts now and then on a
+    decoupled stream (proto_buffer_writer.h "!byte_buffer->Valid()"; on the direct call as much as through the
+    sidecar, before the sidecar is involved: Triton's bug). Only then is the run repeated on a restarted Triton,
+    at most twice; any other failure fails the test."""
+    for attempt in range(3):
+        try:
+            return [_stream(url, requests, expect) for url in (triton.grpc_url, proc.grpc_url)]
+        except queue.Empty:
+            if attempt == 2 or triton.running or _TRITON_WRITER_ABORT not in triton.log_tail(400):
+                raise
+            triton.start()
+            proc.wait_until_ready(60)
+    raise AssertionError("unreachable")
+
+
 # Before the reload test, on purpose: a stream opened on Triton just after identity_fp32 was reloaded
-# made Triton itself abort now and then (its gRPC writer: proto_buffer_writer.h "!byte_buffer->Valid()"),
-# on the direct call as much as through the sidecar; about 1 module run in 7 when run after it.
+# made Triton abort (above) more often: about 1 module run in 7 when run after it.
 def test_decoupled_stream_passes_every_response(explicit: tuple[TritonServer, SidecarProcess]) -> None:
     triton, proc = explicit
 
@@ -576,7 +595,7 @@ def test_decoupled_stream_passes_every_response(explicit: tuple[TritonServer, Si
 
     requests = [("repeat", repeat(3), "r3"), ("identity_fp32", [identity_input(unique(2))], "plain"),
                 ("repeat", repeat(2), "r2")]
-    results = [_stream(url, requests, 3 + 1 + 2) for url in (triton.grpc_url, proc.grpc_url)]
+    results = _streams(triton, proc, requests, 3 + 1 + 2)
     for got in results:
         outs = {rid: [grpcclient.InferResult(r).as_numpy("OUT").tolist() for r in got[rid]] for rid in ("r3", "r2")}
         assert outs == {"r3": [[0], [1], [2]], "r2": [[0], [1]]}

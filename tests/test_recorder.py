@@ -159,7 +159,11 @@ async def test_memory_between_flushes_is_bounded_by_the_sketch(tmp_path: Path) -
 
 SECRET = b"zqSECRETzq"  # in every credential a caller sends: it must never reach the store
 OWN_KEY = "zqOWNKEYzq"  # the sidecar's own restricted_api value: sent with replayed calls, never stored
-CONFIG = dataclasses.replace(load({}, {}, {}), restricted_api=f"inference:x-api-key={OWN_KEY}")
+# record.coverage 1: every call that may be kept is planned (at 0.9 one call with 10 of 11 calls' share would leave
+# the other out: coverage has its own test in test_replay_units.py).
+_LOADED = load({}, {}, {})
+CONFIG = dataclasses.replace(_LOADED, restricted_api=f"inference:x-api-key={OWN_KEY}",
+                             record=dataclasses.replace(_LOADED.record, coverage=1.0))
 INFER = "/inference.GRPCInferenceService/ModelInfer"
 ORIGINS = ("json", "binary", "grpc", "tf_rest", "tf_grpc")
 # Headers that reach the model, as a forward pattern would pick them (the first two hold credentials).

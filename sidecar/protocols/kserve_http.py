@@ -575,13 +575,17 @@ def _answer_json_data(t: Tensor) -> Any:
 
 class _FloatTexts:
     """Recent float tensors' JSON text, keyed by their bytes: the same cached answer is asked for again and
-    again, and Triton's digits cost ~0.5 us a float to write (a 384-float embedding: ~0.3 ms). A pure
-    function memo, bounded in bytes of text, least recently used out first."""
+    again, and Triton's digits cost ~0.5 us a float to write (a 384-float embedding: ~0.2 ms). A pure
+    function memo, bounded in bytes of text and key, least recently used out first."""
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self.used = 0
         self._texts: collections.OrderedDict[tuple[str, bytes], bytes] = collections.OrderedDict()
+
+    def resize(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._shrink()
 
     def get(self, datatype: str, data: bytes) -> bytes:
         key = (datatype, data)
@@ -593,13 +597,21 @@ class _FloatTexts:
         if len(text) + len(data) <= self.max_bytes // 8:
             self._texts[key] = text
             self.used += len(text) + len(data)
-            while self.used > self.max_bytes:
-                (_, old_data), old_text = self._texts.popitem(last=False)
-                self.used -= len(old_text) + len(old_data)
+            self._shrink()
         return text
 
+    def _shrink(self) -> None:
+        while self.used > self.max_bytes:
+            (_, old_data), old_text = self._texts.popitem(last=False)
+            self.used -= len(old_text) + len(old_data)
 
-_FLOAT_TEXTS = _FloatTexts(16 << 20)
+
+_FLOAT_TEXTS = _FloatTexts(64 << 20)
+
+
+def keep_float_texts(max_bytes: int) -> None:
+    """The memory the JSON text of float answers may hold (``cache.text_bytes``), for this process."""
+    _FLOAT_TEXTS.resize(max_bytes)
 
 
 _RAPIDJSON_ESCAPES = {c: (b"\\u%04X" % c) for c in range(0x20)} | {
