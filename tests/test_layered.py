@@ -130,7 +130,9 @@ def test_idle_models_are_unloaded_and_loaded_again_on_demand(triton: TritonServe
             "--set", "warmup.max_batch=1", "--set", f"upstream.grpc_url={triton.grpc_url}"]
     with SidecarProcess(triton.url, tmp_path, "triton", args, wait="listening") as proc:
         wait_until(lambda: http_status(proc.admin_url + "/readyz") == 200, 180, "the pod ready")
-        assert all(models(proc)[m]["state"] == "warm" for m in SHARES)
+        # The pod is ready once the share that matters is warm; the last model warms behind (and, idle from
+        # then on, is unloaded 3 s later: the check below polls far more often than that).
+        wait_until(lambda: all(models(proc)[m]["state"] == "warm" for m in SHARES), 120, "every model warm")
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             keep = pool.submit(lambda: [exchange(proc.url, "POST", "/v2/models/m_top/infer", body(), JSON)
                                         for _ in range(20)])
