@@ -116,7 +116,12 @@ class UpstreamConfig:
         default=256, metadata=_key("most concurrent connections to the model server", _positive)
     )
     health_interval: float = field(
-        default=1.0, metadata=_key("seconds between readiness probes of the model server", _positive)
+        default=1.0, metadata=_key("seconds between readiness probes of the model server while it is ready", _positive)
+    )
+    unready_interval: float = field(
+        default=0.1,
+        metadata=_key("seconds between readiness probes while the model server is not ready (starting, loading, "
+                      "restarting): how late the pod finds it come up; at most health_interval", _positive),
     )
     models: tuple[str, ...] = field(
         default=(),

@@ -97,8 +97,9 @@ class CountingUpstream(HttpUpstream):
         return 200, []
 
 
-def counting_monitor(interval: float) -> tuple[UpstreamMonitor, CountingUpstream]:
-    cfg = UpstreamConfig(health_interval=interval, protocol="triton")
+def counting_monitor(interval: float, unready: float | None = None) -> tuple[UpstreamMonitor, CountingUpstream]:
+    cfg = UpstreamConfig(health_interval=interval, unready_interval=interval if unready is None else unready,
+                         protocol="triton")
     client = CountingUpstream(cfg)
     return UpstreamMonitor(client, cfg, StateMachine(), client.metrics), client
 
@@ -123,6 +124,23 @@ async def test_pokes_never_make_the_monitor_probe_a_dead_server_back_to_back() -
             await task
     assert m.last is Health.DOWN
     assert client.asked <= 1.0 / 0.2 + 2  # one check per interval, pokes or not
+
+
+async def test_a_server_coming_up_is_checked_every_unready_interval_and_a_ready_one_every_health_interval() -> None:
+    m, client = counting_monitor(30.0, unready=0.05)
+    task = asyncio.create_task(m.run())
+    try:
+        await poke_for(m, 0.5)  # down: pokes change nothing, the unready interval paces the checks
+        assert 0.5 / 0.05 - 3 <= client.asked <= 0.5 / 0.05 + 2
+        client.up = True
+        await wait_until_async(lambda: _true(m.last is Health.READY), 1, "found ready within the unready interval")
+        before = client.asked
+        await asyncio.sleep(0.3)
+        assert client.asked == before  # ready: the next check is health_interval (30 s) away
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 async def test_a_poke_checks_a_ready_server_at_once_and_a_burst_checks_it_once() -> None:

@@ -1,8 +1,9 @@
 """Watches the model server and drives the state machine.
 
 The model server is another process, so its health can only be learnt by asking;
-the monitor asks every ``health_interval`` seconds, and at once when the data
-path has just seen the upstream fail (``poke``).
+the monitor asks every ``health_interval`` seconds while it is ready, every
+``unready_interval`` while it is not (starting, loading, restarting), and at once
+when the data path has just seen a ready upstream fail (``poke``).
 """
 
 from __future__ import annotations
@@ -87,10 +88,12 @@ class UpstreamMonitor:
             await self._pause(health)
 
     async def _pause(self, health: Health) -> None:
-        """Wait ``health_interval`` before the next check. A poke cuts it short only while the server looks
-        ready: that is when a failure the data path saw is news. While the server is down every failing call
-        pokes, and a check per call would probe a dead server back to back. A burst of pokes costs one early
-        check, no sooner than ``_POKE_GAP`` after the last."""
+        """Wait ``health_interval`` before the next check; while the server is not ready, ``unready_interval``
+        (launch-to-ready is what a new pod is judged by, and a check of a server not listening yet is one refused
+        connect). A poke cuts it short only while the server looks ready: that is when a failure
+        the data path saw is news. While the server is down every failing call pokes, and a check per call would
+        probe a dead server back to back. A burst of pokes costs one early check, no sooner than ``_POKE_GAP``
+        after the last."""
         loop = asyncio.get_running_loop()
         interval = self.cfg.health_interval
         checked = loop.time()
@@ -100,7 +103,7 @@ class UpstreamMonitor:
                     await self._poke.wait()
                     await asyncio.sleep(checked + min(interval, _POKE_GAP) - loop.time())
         else:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(min(interval, self.cfg.unready_interval))
         self._poke.clear()
 
     async def stop(self) -> None:
