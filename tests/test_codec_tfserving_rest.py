@@ -82,10 +82,14 @@ def test_match_infer_path(path: str, expected: tuple[str, str, str, str] | None)
     assert codec.match_infer_path(path) == expected
 
 
+# Paths reach the codec decoded as latin-1 (h1server): never a lone surrogate, which has no UTF-8 form.
+_PATH_TEXT = st.characters(blacklist_characters="/:", blacklist_categories=("Cs",))
+
+
 @given(
-    st.text(alphabet=st.characters(blacklist_characters="/:"), min_size=1),
+    st.text(alphabet=_PATH_TEXT, min_size=1),
     st.sampled_from(["", "7"]),
-    st.text(alphabet=st.characters(blacklist_characters="/:"), max_size=5),
+    st.text(alphabet=_PATH_TEXT, max_size=5),
     st.sampled_from(codec.METHODS),
 )
 def test_infer_path_round_trips(model: str, version: str, label: str, method: str) -> None:
