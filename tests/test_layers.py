@@ -15,7 +15,7 @@ LAYERS = ("ground", "redis", "cache", "mesh", "forecast", "upstream", "loading",
 # Modules directly under sidecar/: the ground floor (types, errors, configuration, metrics), or the top (the
 # composition root, the data plane's assembly and the command line).
 GROUND = {"__init__", "calls", "config", "errors", "fastmetrics", "headers", "identity", "latency", "logs", "metrics",
-          "planes", "state", "supervise"}
+          "planes", "sqlite_thread", "state", "supervise"}
 TOP = {"__main__", "app", "cli", "dataplane", "reference", "tools", "workers"}
 GROUND_FOLDERS = {"protocols", "protogen"}
 TOP_FOLDERS = {"deploy"}

@@ -217,6 +217,28 @@ class Pending:
         return len(self.counts) + len(self.replaced)
 
 
+class Buffered:
+    """What both histories share: calls are counted into a bounded :class:`Pending` between flushes."""
+
+    def __init__(self, limits: HistoryLimits, recording: bool) -> None:
+        # recording=False for tools (import, export): their flushes claim no minute as recorded.
+        self._pending = Pending(max_models=limits.max_models, recording=recording)
+        self._failed = 0  # calls of flushes given up on (not put back for the next one)
+
+    @property
+    def dropped(self) -> int:
+        return self._pending.dropped + self._failed
+
+    def add(self, model: str, minute: int, count: int) -> None:
+        self._pending.add(model, minute, count)
+
+    def replace(self, model: str, minute: int, count: int) -> None:
+        self._pending.replace(model, minute, count)
+
+    def cover(self, minute: int) -> None:
+        self._pending.cover(minute)
+
+
 @dataclass(frozen=True)
 class Batch:
     """What one flush writes: counts to add, counts to set (imports), minutes recorded."""

@@ -42,9 +42,9 @@ from redis.exceptions import RedisError
 from .history import (
     DAY_MINUTES,
     Batch,
+    Buffered,
     HistoryLimits,
     MinuteSeries,
-    Pending,
     assemble,
     covered_by_day,
     day_of,
@@ -101,7 +101,7 @@ class _Reads:
         return bool(self.days or self.coverage or self.models)
 
 
-class RedisHistory:
+class RedisHistory(Buffered):
     kind = "redis"
 
     def __init__(
@@ -124,9 +124,7 @@ class RedisHistory:
         self._timeout = timeout
         self._refresh = refresh
         self._settle = settle
-        # recording=False for tools (import, export): their round trips claim no minute as recorded.
-        self._pending = Pending(max_models=limits.max_models, recording=recording)
-        self._failed = 0
+        super().__init__(limits, recording)
         self._up = True
         self._closed = False
         self._driven = False  # run() is calling sync() on a schedule
@@ -143,20 +141,7 @@ class RedisHistory:
         return (f"<RedisHistory {self.describe()} {'up' if self._up else 'down'} pending={len(self._pending)} "
                 f"mirrored={len(self._days)} round_trips={self.round_trips} dropped={self.dropped}>")
 
-    @property
-    def dropped(self) -> int:
-        return self._pending.dropped + self._failed
-
-    # -- the interface
-
-    def add(self, model: str, minute: int, count: int) -> None:
-        self._pending.add(model, minute, count)
-
-    def replace(self, model: str, minute: int, count: int) -> None:
-        self._pending.replace(model, minute, count)
-
-    def cover(self, minute: int) -> None:
-        self._pending.cover(minute)
+    # -- the interface (add, replace, cover: Buffered)
 
     async def flush(self) -> None:
         await self.sync()

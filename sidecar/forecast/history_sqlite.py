@@ -10,24 +10,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
 from ..errors import ConfigError
+from ..sqlite_thread import SQLiteThread, transaction
 from .history import (
     COUNT_MAX,
     Batch,
+    Buffered,
     HistoryLimits,
     MinuteSeries,
-    Pending,
     assemble,
     covered_by_day,
     day_of,
@@ -40,8 +38,6 @@ from .history import (
 
 __all__ = ["SQLiteHistory"]
 
-log = logging.getLogger(__name__)
-T = TypeVar("T")
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
 
@@ -54,20 +50,7 @@ CREATE TABLE IF NOT EXISTS models (model TEXT PRIMARY KEY, last_minute INTEGER N
 """
 
 
-@contextlib.contextmanager
-def _transaction(db: sqlite3.Connection, begin: str = "BEGIN") -> Iterator[None]:
-    db.execute(begin)
-    try:
-        yield
-    except BaseException:
-        if db.in_transaction:
-            with contextlib.suppress(sqlite3.Error):
-                db.execute("ROLLBACK")
-        raise
-    db.execute("COMMIT")
-
-
-class SQLiteHistory:
+class SQLiteHistory(Buffered):
     kind = "sqlite"
 
     def __init__(self, path: str | Path, limits: HistoryLimits, *, clock: Clock = time.time,
@@ -75,17 +58,10 @@ class SQLiteHistory:
         self.path = Path(path)
         self.limits = limits
         self._clock = clock
-        # recording=False for tools (import, export): their flushes claim no minute as recorded.
-        self._pending = Pending(max_models=limits.max_models, recording=recording)
-        self._failed = 0  # calls of flushes that could not be written
-        self._closed = False
-        self._up = True
-        self._db: sqlite3.Connection | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forecast-history")
+        super().__init__(limits, recording)
         try:
-            self._executor.submit(self._open).result()
+            self._sqlite = SQLiteThread(f"forecast history {self.path}", self._connect, "forecast-history")
         except (OSError, sqlite3.Error) as error:
-            self._executor.shutdown(wait=False)
             raise ConfigError(f"forecast history: cannot open SQLite file {self.path}: {error}") from error
 
     def describe(self) -> str:
@@ -94,20 +70,7 @@ class SQLiteHistory:
     def __repr__(self) -> str:
         return f"<SQLiteHistory {self.path} pending={len(self._pending)} dropped={self.dropped}>"
 
-    @property
-    def dropped(self) -> int:
-        return self._pending.dropped + self._failed
-
-    # -- the interface
-
-    def add(self, model: str, minute: int, count: int) -> None:
-        self._pending.add(model, minute, count)
-
-    def replace(self, model: str, minute: int, count: int) -> None:
-        self._pending.replace(model, minute, count)
-
-    def cover(self, minute: int) -> None:
-        self._pending.cover(minute)
+    # -- the interface (add, replace, cover: Buffered)
 
     async def flush(self) -> None:
         now_minute = int(self._clock() // 60)
@@ -115,19 +78,19 @@ class SQLiteHistory:
         batch = self._pending.take()
         if not batch:
             return
-        if await self._run("flush", lambda db: self._write(db, batch, now_minute)) is None:
+        if await self._sqlite.run("flush", lambda db: self._write(db, batch, now_minute)) is None:
             # The transaction rolled back: nothing was written, so the next flush may try again.
             self._pending.put_back(batch)
 
     async def series(self, model: str, start: int, end: int) -> MinuteSeries:
-        found = await self._run("series", lambda db: self._read(db, model, start, end))
+        found = await self._sqlite.run("series", lambda db: self._read(db, model, start, end))
         if found is None:
             return MinuteSeries(start, np.full(max(0, end - start), np.nan))
         days, coverage = found
         return assemble(start, end, days, coverage)
 
     async def models(self) -> list[str]:
-        rows = await self._run("models", lambda db: db.execute(
+        rows = await self._sqlite.run("models", lambda db: db.execute(
             "SELECT model FROM models ORDER BY last_minute DESC, model LIMIT ?", (self.limits.max_models,)
         ).fetchall())
         return [model for (model,) in rows or []]
@@ -139,41 +102,15 @@ class SQLiteHistory:
             await sleep(interval)
 
     async def close(self) -> None:
-        if self._closed:
+        if self._sqlite.closed:
             return
         with contextlib.suppress(Exception):
             await self.flush()
-        self._closed = True
-        loop = asyncio.get_running_loop()
-        with contextlib.suppress(sqlite3.Error):
-            await loop.run_in_executor(self._executor, self._close)
-        self._executor.shutdown(wait=False)
+        await self._sqlite.close()
 
-    # -- the worker thread
+    # -- on the worker thread
 
-    async def _run(self, what: str, job: Callable[[sqlite3.Connection], T]) -> T | None:
-        if self._closed:
-            return None
-        loop = asyncio.get_running_loop()
-        try:
-            result = await loop.run_in_executor(self._executor, self._with_db, job)
-        except (sqlite3.Error, OSError) as error:
-            if self._up:
-                log.warning("forecast history %s unavailable (%s during %s)", self.path, type(error).__name__, what)
-            self._up = False
-            return None
-        if not self._up:
-            log.info("forecast history %s available again", self.path)
-        self._up = True
-        return result
-
-    def _with_db(self, job: Callable[[sqlite3.Connection], T]) -> T:
-        if self._db is None:
-            self._open()
-        assert self._db is not None
-        return job(self._db)
-
-    def _open(self) -> None:
+    def _connect(self) -> sqlite3.Connection:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         db = sqlite3.connect(self.path, timeout=5.0, isolation_level=None)
         try:
@@ -184,17 +121,12 @@ class SQLiteHistory:
         except BaseException:
             db.close()
             raise
-        self._db = db
-
-    def _close(self) -> None:
-        if self._db is not None:
-            self._db.close()
-            self._db = None
+        return db
 
     def _write(self, db: sqlite3.Connection, batch: Batch, now_minute: int) -> bool:
         first_day = self.limits.first_kept_day(now_minute)
         added, replaced = group_by_day(batch.counts), group_by_day(batch.replaced)
-        with _transaction(db, "BEGIN IMMEDIATE"):  # the read-add-write of each day vector is atomic
+        with transaction(db, "BEGIN IMMEDIATE"):  # the read-add-write of each day vector is atomic
             for model, day in {*added, *replaced}:
                 if day < first_day:
                     continue
@@ -236,7 +168,7 @@ class SQLiteHistory:
         if end <= start:
             return {}, {}
         lo, hi = day_of(start), day_of(end - 1)
-        with _transaction(db):  # one snapshot: counts and coverage agree
+        with transaction(db):  # one snapshot: counts and coverage agree
             days = {day: decode_day(raw) for day, raw in db.execute(
                 "SELECT day, counts FROM days WHERE model = ? AND day BETWEEN ? AND ?", (model, lo, hi))}
             coverage = {day: decode_coverage(raw) for day, raw in db.execute(

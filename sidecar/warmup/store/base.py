@@ -6,13 +6,10 @@ The design (decay, payload TTL, failure policy) is told in the package's docstri
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
-
-log = logging.getLogger("sidecar.warmup.store")
 
 Clock = Callable[[], float]
 
@@ -103,32 +100,6 @@ def _pow2(exponent: float) -> float:
 def _decay(now: float, epoch: float | None, half_life: float) -> float:
     """Factor turning a forward score into the weight at ``now``."""
     return 1.0 if epoch is None else _pow2(-(now - epoch) / half_life)
-
-
-def _error_text(error: BaseException) -> str:
-    # Type and a bounded message: store errors name hosts and files, never payloads.
-    return f"{type(error).__name__}: {str(error)[:200]}"
-
-
-class _Health:
-    """One warning when an outage starts, one info line when it ends."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.up = True
-
-    def failed(self, what: str, error: BaseException) -> None:
-        if self.up:
-            log.warning(
-                "traffic store %s unavailable (%s during %s); carrying on without it until it returns",
-                self.name, _error_text(error), what,
-            )  # fmt: skip
-        self.up = False
-
-    def ok(self) -> None:
-        if not self.up:
-            log.info("traffic store %s available again", self.name)
-        self.up = True
 
 
 def _storable(payload: bytes, limits: StoreLimits) -> bytes:

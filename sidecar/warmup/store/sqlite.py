@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import sqlite3
 import time
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TypeVar
 
 from ...errors import ConfigError
+from ...sqlite_thread import SQLiteThread, error_text, transaction
 from .base import (
     RESCALE_AFTER,
     Clock,
@@ -20,13 +17,10 @@ from .base import (
     StoredRequest,
     StoreLimits,
     _decay,
-    _error_text,
-    _Health,
     _pow2,
     _storable,
 )
 
-T = TypeVar("T")
 log = logging.getLogger("sidecar.warmup.store")
 
 # -- SQLite -----------------------------------------------------------------------------------------
@@ -103,19 +97,6 @@ def _chunks(rows: list[tuple[str, str, int, bytes]], max_bytes: int) -> Iterator
         yield chunk
 
 
-@contextlib.contextmanager
-def _transaction(db: sqlite3.Connection, begin: str = "BEGIN") -> Iterator[None]:
-    db.execute(begin)
-    try:
-        yield
-    except BaseException:
-        if db.in_transaction:
-            with contextlib.suppress(sqlite3.Error):
-                db.execute("ROLLBACK")
-        raise
-    db.execute("COMMIT")
-
-
 class SQLiteStore:
     """Traffic memory in one SQLite file (WAL mode), several processes may share it.
 
@@ -130,21 +111,16 @@ class SQLiteStore:
         self.limits = limits
         self.dropped = 0
         self._clock = clock
-        self._closed = False
-        self._db: sqlite3.Connection | None = None
-        self._health = _Health(self.describe())
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="traffic-store")
         try:
-            self._executor.submit(self._open).result()
+            self._sqlite = SQLiteThread(f"traffic store {self.path}", self._open, "traffic-store")
         except (OSError, sqlite3.Error) as error:
-            self._executor.shutdown(wait=False)
             raise ConfigError(f"traffic store: cannot open SQLite file {self.path}: {error}") from error
 
     def describe(self) -> str:
         return f"sqlite {self.path}"
 
     def __repr__(self) -> str:
-        return f"<SQLiteStore {self.path} dropped={self.dropped}{' closed' if self._closed else ''}>"
+        return f"<SQLiteStore {self.path} dropped={self.dropped}{' closed' if self._sqlite.closed else ''}>"
 
     # -- the interface
 
@@ -153,67 +129,42 @@ class SQLiteStore:
         if not batch:
             return
         now = self._clock()
-        if self._closed or await self._run("add", lambda db: self._add(db, batch, now)) is None:
+        if self._sqlite.closed or await self._sqlite.run("add", lambda db: self._add(db, batch, now)) is None:
             self.dropped += len(batch)
 
     async def top(self, model: str, n: int) -> list[StoredRequest]:
         if n <= 0:
             return []
         now = self._clock()
-        return await self._run("top", lambda db: self._top(db, model, n, now)) or []
+        return await self._sqlite.run("top", lambda db: self._top(db, model, n, now)) or []
 
     async def shapes(self, model: str) -> list[tuple[str, int, float]]:
         now = self._clock()
-        return await self._run("shapes", lambda db: self._shapes(db, model, now)) or []
+        return await self._sqlite.run("shapes", lambda db: self._shapes(db, model, now)) or []
 
     async def models(self) -> list[tuple[str, float]]:
         now = self._clock()
-        return await self._run("models", lambda db: self._models(db, now)) or []
+        return await self._sqlite.run("models", lambda db: self._models(db, now)) or []
 
     async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        loop = asyncio.get_running_loop()
-        with contextlib.suppress(sqlite3.Error):
-            await loop.run_in_executor(self._executor, self._close)
-        self._executor.shutdown(wait=False)
+        await self._sqlite.close()
 
-    # -- running jobs on the worker thread
+    # -- on the worker thread
 
-    async def _run(self, what: str, job: Callable[[sqlite3.Connection], T]) -> T | None:
-        """``job(connection)`` on the worker thread; None (and one warning per outage) if SQLite fails."""
-        if self._closed:
-            return None
-        loop = asyncio.get_running_loop()
-        try:
-            result = await loop.run_in_executor(self._executor, self._with_db, job)
-        except (sqlite3.Error, OSError) as error:
-            self._health.failed(what, error)
-            return None
-        self._health.ok()
-        return result
-
-    def _with_db(self, job: Callable[[sqlite3.Connection], T]) -> T:
-        if self._db is None:
-            self._open()  # an earlier open failed: the file may be usable again
-        assert self._db is not None
-        return job(self._db)
-
-    def _open(self) -> None:
+    def _open(self) -> sqlite3.Connection:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            self._db = self._connect()
+            return self._connect()
         except sqlite3.OperationalError:
             raise  # cannot open or lock: a configuration or permission problem, not corruption
         except sqlite3.DatabaseError as error:
             # Not a database (or corrupt): the memory is a cache, so start afresh and keep the old file.
             aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
-            log.warning("traffic store %s unreadable (%s); moved aside to %s", self.path, _error_text(error), aside)
+            log.warning("traffic store %s unreadable (%s); moved aside to %s", self.path, error_text(error), aside)
             self.path.replace(aside)
             for suffix in ("-wal", "-shm"):
                 self.path.with_name(self.path.name + suffix).unlink(missing_ok=True)
-            self._db = self._connect()
+            return self._connect()
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=5.0, isolation_level=None)
@@ -234,16 +185,12 @@ class SQLiteStore:
             raise
         return db
 
-    def _close(self) -> None:
-        if self._db is not None:
-            self._db.close()
-            self._db = None
 
     # -- jobs (worker thread only)
 
     def _add(self, db: sqlite3.Connection, samples: Sequence[Sample], now: float) -> bool:
         limits = self.limits
-        with _transaction(db, "BEGIN IMMEDIATE"):  # IMMEDIATE: the epoch read below is the one we write with
+        with transaction(db, "BEGIN IMMEDIATE"):  # IMMEDIATE: the epoch read below is the one we write with
             growth = self._growth(db, now)
             calls = [s for s in samples if s.key]  # keyless samples are batch shapes only (the batcher's)
             db.executemany(_UPSERT_ENTRY, [(s.model, s.key, s.count * growth, s.shape, s.batch, now) for s in calls])
@@ -256,7 +203,7 @@ class SQLiteStore:
         # must not grow the write-ahead log (or the file) past what the budget allows.
         payloads = [(s.model, s.key, len(p), p) for s in samples if (p := _storable(s.payload, limits))]
         for chunk in _chunks(payloads, _PAYLOAD_CHUNK):
-            with _transaction(db, "BEGIN IMMEDIATE"):
+            with transaction(db, "BEGIN IMMEDIATE"):
                 self._enforce_budget(db, incoming=sum(row[2] for row in chunk))  # room first: no transient excess
                 db.executemany(_INSERT_PAYLOAD, chunk)
                 self._enforce_budget(db)
@@ -322,7 +269,7 @@ class SQLiteStore:
         db.executemany("DELETE FROM payloads WHERE model = ? AND key = ?", victims)
 
     def _top(self, db: sqlite3.Connection, model: str, n: int, now: float) -> list[StoredRequest]:
-        with _transaction(db):
+        with transaction(db):
             decay = _decay(now, self._epoch(db), self.limits.half_life)
             rows = db.execute(_SELECT_TOP, (model, now - self.limits.payload_ttl, n)).fetchall()
         return [
@@ -331,7 +278,7 @@ class SQLiteStore:
         ]
 
     def _shapes(self, db: sqlite3.Connection, model: str, now: float) -> list[tuple[str, int, float]]:
-        with _transaction(db):
+        with transaction(db):
             decay = _decay(now, self._epoch(db), self.limits.half_life)
             rows = db.execute(
                 "SELECT shape, batch, score FROM shapes WHERE model = ? ORDER BY score DESC", (model,)
@@ -339,7 +286,7 @@ class SQLiteStore:
         return [(shape, batch, score * decay) for shape, batch, score in rows]
 
     def _models(self, db: sqlite3.Connection, now: float) -> list[tuple[str, float]]:
-        with _transaction(db):
+        with transaction(db):
             decay = _decay(now, self._epoch(db), self.limits.half_life)
             rows = db.execute("SELECT model, score FROM models ORDER BY score DESC").fetchall()
         return [(model, score * decay) for model, score in rows]
