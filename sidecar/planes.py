@@ -11,8 +11,8 @@ The control plane asks a data plane for four things more (:class:`DataSide`): to
 through its cache, to fill its cache with a recorded call, a report of what its cache and batcher hold, and
 the demand it served (:class:`Demand`).
 Nothing else crosses: the two never import each other, only this module. In one process a
-:class:`Link` carries both directions by plain calls; with worker processes (``workers``) the same two
-messages travel over a pipe per worker.
+:class:`Link` carries both directions by plain calls. Both are plain data and one-way calls so that data
+planes in other processes could take the same two messages over a pipe (not built: one process today).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ LAYERS = ("ground", "redis", "cache", "mesh", "forecast", "upstream", "loading",
 # composition root, the data plane's assembly and the command line).
 GROUND = {"__init__", "calls", "config", "errors", "fastmetrics", "headers", "identity", "latency", "logs", "metrics",
           "planes", "sqlite_thread", "state", "supervise"}
-TOP = {"__main__", "app", "cli", "dataplane", "reference", "tools", "workers"}
+TOP = {"__main__", "app", "cli", "dataplane", "reference", "tools"}
 GROUND_FOLDERS = {"protocols", "protogen"}
 TOP_FOLDERS = {"deploy"}
 # The data plane's folders and the control plane's never import each other: they meet in planes.py.
