@@ -157,6 +157,8 @@ class Rpcs:
         if isinstance(err, UpstreamUnavailable):
             self.edge.upstream_failed()
         trailing = (("retry-after", str(r.retry_after)),) if r.retry_after is not None else ()
+        if _over(context):
+            raise asyncio.CancelledError  # gRPC has ended the call itself (its deadline): nothing can be sent
         await self.send_metadata(context, rpc)
         await context.abort(grpc.StatusCode[r.grpc_code], r.message, trailing)
 
@@ -169,7 +171,12 @@ class Rpcs:
         metadata.append((STATE_KEY, self.view.snapshot.state.value))
         if rpc.cache:
             metadata.append((CACHE_KEY, rpc.cache))
-        await context.send_initial_metadata(tuple(metadata))
+        try:
+            await context.send_initial_metadata(tuple(metadata))
+        except Exception:
+            if _over(context):  # the deadline ran out (or the caller left) between the check and the send
+                raise asyncio.CancelledError from None
+            raise
 
     async def answer(self, context: Context, rpc: Rpc, answer: GrpcAnswer) -> bytes:
         """Send a model server's answer (or one encoded for this caller): its metadata, status and message."""
@@ -231,3 +238,10 @@ class Rpcs:
             await self.answer(context, rpc, self.edge.grpc_error(e, rpc.deadline))
         finally:
             call.cancel()  # no-op once finished; a caller who left takes the upstream stream with it
+
+
+def _over(context: Context) -> bool:
+    """Whether gRPC has ended the call: its caller left, or its deadline passed (the core answers
+    DEADLINE_EXCEEDED itself and refuses anything sent after; the handler ends as cancelled, quietly)."""
+    remaining = context.time_remaining()
+    return context.done() or (remaining is not None and remaining <= 0)
