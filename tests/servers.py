@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import functools
 import http.client
+import itertools
 import json
 import os
 import shutil
@@ -117,13 +118,45 @@ async def wait_until_async(
 # -- small probes -----------------------------------------------------------------------------------
 
 
+def _listening_ports() -> range:
+    """Ports below the kernel's ephemeral range, a share of them for each test process. A port the kernel picks
+    for bind(0) comes from the ephemeral range, where every outgoing connection of every process also takes its
+    local port: between choosing it and the server binding it, a client elsewhere could take it ("address
+    already in use"). Below that range only listeners bind, and each xdist worker has a span of its own."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            ephemeral = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral = 32768
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    slot = int(worker) % 8 if worker.isdigit() else 0
+    span = max(256, (ephemeral - 10000) // 8)
+    start = ephemeral - (slot + 1) * span
+    return range(start, start + span)
+
+
+_PORTS = _listening_ports()
+_port_cursor = itertools.count(os.getpid() % len(_PORTS))  # another run's servers may still hold the first ones
+
+
 def free_ports(count: int) -> list[int]:
-    """``count`` distinct ports free on HOST right now (all sockets are held until all are chosen)."""
+    """``count`` distinct ports free on HOST right now (all sockets are held until all are chosen), from this
+    process's own span below the ephemeral range (see ``_listening_ports``)."""
     with contextlib.ExitStack() as stack:
-        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
-        for sock in sockets:
-            sock.bind((HOST, 0))
-        return [sock.getsockname()[1] for sock in sockets]
+        ports: list[int] = []
+        for _ in range(len(_PORTS)):
+            if len(ports) == count:
+                return ports
+            port = _PORTS[next(_port_cursor) % len(_PORTS)]
+            sock = stack.enter_context(socket.socket())
+            try:
+                sock.bind((HOST, port))
+            except OSError:
+                continue  # in use (or lingering in TIME_WAIT): the next one
+            ports.append(port)
+        if len(ports) == count:
+            return ports
+    raise RuntimeError(f"no {count} free ports in {_PORTS}")
 
 
 def http_status(port: int, path: str, timeout: float = 1.0) -> int | None:
