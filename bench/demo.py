@@ -1,6 +1,6 @@
 """`make demo`: a real Triton, the sidecar in front of it, traffic, and an account of what the sidecar did.
 
-Six short sections, every number measured in this run (about a minute on two cores, no Redis needed):
+Eight short sections, every number measured in this run (about a minute on two cores, no Redis needed):
 
 1. the proxy: a test model called directly and through the sidecar, and what the sidecar's own part costs;
 2. the response cache and batching on a real model, MiniLM sentence embeddings in Triton's python backend
@@ -11,7 +11,9 @@ Six short sections, every number measured in this run (about a minute on two cor
 5. demand forecast: two days of per-minute history imported from CSV, the forecast at now + lead, what the
    pod measured of its own launch-to-warm, what it can serve of MiniLM;
 6. admin actions: a cache flush behind the admin token; then SIGTERM and a clean drain;
-7. the cold-start cliff of a torch.compile model, with and without the sidecar's warm-up (ready once
+7. every core: a sidecar with workers=auto (one data-plane process per CPU): one cache for the pod, one
+   /metrics, a killed worker replaced while the pod stays ready;
+8. the cold-start cliff of a torch.compile model, with and without the sidecar's warm-up (ready once
    measured; the recorded calls it did not need fill the cache behind readiness).
 
 Exit status 0 only if every check passed. Every server runs inside a context manager, so a failure or
@@ -502,8 +504,63 @@ def section_admin(sidecar: SidecarProcess, agent_port: int, check: Checks) -> st
     return f"flush 401 without the token, 200 with it, then a miss; SIGTERM: {line!r}, exit {code}"
 
 
+def section_workers(triton: TritonServer, work: Path, check: Checks) -> str:
+    """A second sidecar with the product's default, ``workers=auto``: one data-plane process per CPU."""
+    say("\n7. Every core: a second sidecar with workers=auto (one data-plane worker per CPU this container may use,")
+    say("   on shared ports, behind one control process; the sidecar above ran workers=1 so its CPU figure is one")
+    say("   process's)")
+    args = ["--set", "workers=auto", "--set", f"cache.models={IDENTITY}", "--set", "log_level=warning",
+            "--set", "shutdown_delay=0"]
+    pod = SidecarProcess(triton.url, work / "workers", "triton", args)
+    with running(pod):
+        workers = orjson.loads(exchange(pod.admin_url, "GET", "/status?format=json").body)["workers"]
+        say(f"   /status: {workers['running']} of {workers['count']} workers running, pids {workers['pids']} "
+            f"(control process {pod.pid})")
+        body = orjson.dumps({"inputs": [{"name": "INPUT0", "shape": [1, 3], "datatype": "FP32",
+                                         "data": [7.0, 8.0, 9.0]}]})
+        path = f"/v2/models/{IDENTITY}/infer"
+        before = Scrape(pod).get("sidecar_requests_total", route="infer", model=IDENTITY, status="200")
+        kinds: Counter[str] = Counter()
+        calls = 0
+
+        def everyone_served() -> bool:
+            nonlocal calls
+            for _ in range(10):  # each on a new connection: the kernel spreads them over the workers
+                kinds[exchange(pod.url, "POST", path, body).header("x-sidecar-cache") or "none"] += 1
+                calls += 1
+            served = orjson.loads(exchange(pod.admin_url, "GET", "/status?format=json").body)["workers"]["calls"]
+            return len(served) == workers["count"] and all(n > 0 for n in served.values())
+
+        wait_until(everyone_served, 30.0, "every worker answered")
+        counted = Scrape(pod).get("sidecar_requests_total", route="infer", model=IDENTITY, status="200") - before
+        say(f"   {calls} identical calls on new connections, answered by every worker: "
+            + ", ".join(f"{k} {v}" for k, v in kinds.most_common()) + "; one cache for the pod")
+        say(f"   /metrics counts {counted:.0f} of them (the workers' counters merged at each scrape)")
+        check(kinds["miss"] == 1 and kinds["hit"] == calls - 1, "workers: an answer one worker stored is a hit in "
+                                                                 "the others")
+        check(counted == calls, "workers: /metrics counts every call whichever worker answered it")
+        killed = workers["pids"][0]
+        started = time.monotonic()
+        os.kill(killed, signal.SIGKILL)
+
+        def replaced() -> bool:
+            now = orjson.loads(exchange(pod.admin_url, "GET", "/status?format=json").body)["workers"]
+            return now["running"] == workers["count"] and killed not in now["pids"]
+
+        wait_until(replaced, 10.0, "the worker replaced")
+        took = time.monotonic() - started
+        ready = exchange(pod.admin_url, "GET", "/readyz").status
+        restarts = Scrape(pod).get("sidecar_worker_restarts_total")
+        say(f"   SIGKILL to worker {killed}: a new one served {took:.2f} s later; /readyz {ready} meanwhile; "
+            f"sidecar_worker_restarts_total {restarts:g}")
+        check(took <= 2.0 and ready == 200 and restarts == 1, "workers: a killed worker is replaced within 2 s, "
+                                                               "the pod stays ready")
+    return (f"{workers['count']} workers; {calls} calls, 1 miss; a killed worker replaced in {took:.2f} s, "
+            "the pod ready throughout")
+
+
 def section_cold_start(work: Path, check: Checks) -> str:
-    say(f"\n7. The cold-start cliff. Model '{MODEL_COLD}': torch.compile on CPU, so the first call at every batch")
+    say(f"\n8. The cold-start cliff. Model '{MODEL_COLD}': torch.compile on CPU, so the first call at every batch")
     say("   size compiles kernels. A sidecar records a short burst of real traffic (batch sizes "
         f"{', '.join(map(str, BATCHES))}); then the model")
     say("   server restarts cold (new process, empty compile cache), twice: alone, clients sent traffic once Triton")
@@ -562,8 +619,9 @@ def main() -> int:
                 summary["4. load balancers"] = section_load_balancers(sidecar, agent_port, queue_peak, check)
                 summary["5. forecast"] = section_forecast(sidecar, imported, check)
                 summary["6. admin"] = section_admin(sidecar, agent_port, check)
+            summary["7. workers"] = section_workers(triton, work, check)
         say("   Triton stopped.")
-        summary["7. cold start"] = section_cold_start(work, check)
+        summary["8. cold start"] = section_cold_start(work, check)
     say(f"\nSummary ({time.monotonic() - t0:.0f} s, every number measured in this run):")
     for name, line in summary.items():
         say(f"   {name:<20} {line}")

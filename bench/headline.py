@@ -64,7 +64,9 @@ FIRST_MINUTE = 60.0
 TRITON_START_TIMEOUT = 300.0
 WRK_TIMEOUT = 10.0  # seconds a request may take before wrk counts it as an error (its default is 2 s)
 # The sidecar as the bench runs it: quiet, quick to notice Triton, no drain delay when a case ends.
-SIDECAR_BASE = ("log_level=warning", "shutdown_delay=0", "upstream.health_interval=0.25", "record.flush_interval=0.5")
+# workers=auto is the product's default, named because the tests' helper pins one process.
+SIDECAR_BASE = ("log_level=warning", "shutdown_delay=0", "upstream.health_interval=0.25", "record.flush_interval=0.5",
+                "workers=auto")
 CACHE_AND_BATCH = (f"cache.models={minilm.MODEL}", f"batch.models={minilm.MODEL}")
 
 

@@ -32,7 +32,8 @@ from tests.sidecar_proc import SidecarProcess  # noqa: E402
 from tests.wire import exchange  # noqa: E402
 
 MODEL = "identity_fp32"
-QUIET = ["--set", "record.flush_interval=0.2", "--set", "shutdown_delay=0", "--set", "log_level=warning"]
+QUIET = ["--set", "record.flush_interval=0.2", "--set", "shutdown_delay=0", "--set", "log_level=warning",
+         "--set", "workers=auto"]  # the product's default (the tests' helper pins one process)
 JSON = {"Content-Type": "application/json"}
 
 

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import signal
 
+from . import cpus
 from .config import Config
 from .control.plane import ControlPlane
 from .dataplane import DataPlane
@@ -20,6 +21,7 @@ from .metrics import Metrics
 from .planes import Link
 from .redis.client import RedisClients
 from .supervise import Supervisor
+from .workers.pool import WorkerPool
 
 log = logging.getLogger("sidecar")
 
@@ -32,7 +34,14 @@ class Sidecar:
         # One client per Redis server, shared by the cache tier, the traffic store and the history.
         self.redis = RedisClients(cfg.cache.redis_failures, cfg.cache.redis_cooldown)
         self.link = Link()
-        self.data = DataPlane(cfg, self.metrics, self.link.view, self.link, self.redis, self.supervisor)
+        # One process, or data-plane workers (one per CPU the container may use) behind this control process.
+        self.workers = cpus.workers(cfg.workers)
+        self.data: DataPlane | WorkerPool = (
+            DataPlane(cfg, self.metrics, self.link.view, self.link, self.redis, self.supervisor)
+            if self.workers == 1 else WorkerPool(cfg, self.metrics, self.link.view, self.link, self.supervisor,
+                                                 self.workers))
+        if self.workers == 1:
+            self.metrics.workers.set(1)
         self.control = ControlPlane(cfg, self.metrics, self.link, self.redis, self.supervisor, self.data)
 
     def __repr__(self) -> str:
@@ -44,8 +53,8 @@ class Sidecar:
         await self.control.listen()
         await self.data.start()
         self.control.run()
-        log.info("listening: data %s, admin %s; upstream %s", self.cfg.listen, self.cfg.admin,
-                 self.data.upstream.base)
+        log.info("listening: data %s (%d %s), admin %s; upstream %s", self.cfg.listen, self.workers,
+                 "worker processes" if self.workers > 1 else "process", self.cfg.admin, self.cfg.upstream.url)
 
     async def stop(self, delay: float = 0.0) -> None:
         """Refuse readiness at once, keep serving for ``delay`` seconds (load balancers stop sending),

@@ -88,6 +88,12 @@ def _store_location(v: Any) -> str | None:
     return None
 
 
+def _workers(v: Any) -> str | None:
+    if str(v) == "auto" or (str(v).isdigit() and 1 <= int(v) <= 256):
+        return None
+    return "auto or a count from 1 to 256"
+
+
 def _key(help: str, check: Validator | None = None) -> dict[str, Any]:
     return {"help": help, "check": check}
 
@@ -602,6 +608,12 @@ class Config:
     )
     admin: str = field(
         default="0.0.0.0:9090", metadata=_key("admin port: probes, /metrics (HOST:PORT)", _host_port)
+    )
+    workers: str = field(
+        default="auto",
+        metadata=_key("data-plane worker processes, each serving both data ports (SO_REUSEPORT) behind one control "
+                      "process: auto (the CPUs this container may use: its cgroup quota and affinity) or a count; "
+                      "1 keeps one process", _workers),
     )
     shutdown_delay: float = field(
         default=5.0,

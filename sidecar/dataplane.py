@@ -16,11 +16,13 @@ import asyncio
 import logging
 import resource
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from .cache.fingerprint import Fingerprints
 from .cache.generation import Generations
 from .cache.memory import MemoryTier
+from .cache.podtier import PodTier
 from .cache.redis import fleet_tier
 from .calls import Call, Reply
 from .config import Config, split_host_port
@@ -43,6 +45,7 @@ from .pipeline.gate import Gate
 from .pipeline.recorder import Recorder
 from .pipeline.stage import Stage, chain
 from .planes import INFERENCE_ROUTES, Demand, Observations, Snapshot, View
+from .podload import PodLoad
 from .protocols import forwarded, kserve_http, restrict
 from .protocols.request import InferenceRequest, InferenceResponse
 from .redis.client import RedisClients
@@ -64,10 +67,21 @@ _ADOPT_EVERY = 2.0
 _NOT_READY = frozenset({State.STARTING, State.LOADING, State.COLD})
 
 
+@dataclass(frozen=True)
+class PodParts:
+    """What a worker shares with the pod's other workers: the one answer tier and the batcher's load view."""
+
+    tier: PodTier
+    load: PodLoad | None = None
+
+
 class DataPlane:
     def __init__(self, cfg: Config, metrics: Metrics, view: View, observations: Observations,
-                 redis: RedisClients, supervisor: Supervisor) -> None:
+                 redis: RedisClients, supervisor: Supervisor, pod: PodParts | None = None) -> None:
         self.cfg = cfg
+        # A worker among several (``workers``): the pod's shared tier and load view, ports shared with the others.
+        self.pod_shared = pod is not None
+        self.observations = observations
         self.metrics = metrics
         self.view = view
         self.supervisor = supervisor
@@ -87,11 +101,13 @@ class DataPlane:
         # tier's key, so replicas share only answers of models that answer alike.
         self.fingerprints = Fingerprints(self.shared_cache, self._ask_for_fingerprint, self._model_answers_otherwise)
         self._adopting: asyncio.Task[None] | None = None
-        self.cache = CacheStage(cfg.cache, MemoryTier(cfg.cache.max_bytes), self.shared_cache, Generations(),
+        self.memory: MemoryTier | PodTier = pod.tier if pod is not None else MemoryTier(cfg.cache.max_bytes)
+        self.cache = CacheStage(cfg.cache, self.memory, self.shared_cache, Generations(),
                                 metrics, sharing=self._restrictions_known, fingerprints=self.fingerprints)
         self.latency = LatencyModel()
         self.batcher = Batcher(cfg.batch, self.catalog, self.latency, metrics,
-                               on_batch=observations.batched if cfg.record.enabled else None)
+                               on_batch=observations.batched if cfg.record.enabled else None,
+                               pod_load=pod.load if pod is not None else None)
         # The data path, in order. The upstream router is the terminal.
         self.stages: list[Stage] = [Gate(cfg.gate, view, observations, metrics)]
         if cfg.record.enabled:
@@ -116,7 +132,8 @@ class DataPlane:
         self.http = HttpFront(cfg, self.edge, view, metrics, self.decoder, MemoryBudget(cfg.limits.max_inflight_bytes),
                               DataPortSignals(cfg.mesh, view, self.load))
         self.data_port: H1Server = self.http.server(connection_limit(cfg))
-        self.grpc = GrpcFront(cfg, self.edge, view, metrics, self.catalog) if cfg.grpc_listen else None
+        self.grpc = GrpcFront(cfg, self.edge, view, metrics, self.catalog, reuse_port=self.pod_shared) \
+            if cfg.grpc_listen else None
         metrics.registry.register(CacheCollector(self.cache))
         metrics.in_flight.set_function(lambda: self.http.in_flight + (self.grpc.in_flight if self.grpc else 0))
         metrics.watch_load(lambda: self.load.in_flight, self.load.rates,
@@ -156,27 +173,36 @@ class DataPlane:
         """For the control plane's /status: what the cache and the batcher hold and learned."""
         return {"cache": self.cache.report(), "batch": self.batcher.report()}
 
+    async def refresh(self) -> None:
+        """Nothing to ask: this data plane is in the control plane's process."""
+
+    def workers_report(self) -> dict[str, Any]:
+        return {"setting": self.cfg.workers, "count": 1, "running": 1, "restarts": 0, "pids": []}
+
     # -- what a snapshot means here -------------------------------------------------------------------------
 
     def _apply(self, previous: Snapshot, current: Snapshot) -> None:
-        if current.restarts != previous.restarts:
-            # Every model reloaded with the server: earlier answers, configurations and fingerprints go.
-            self.cache.flush()
+        # A data plane's first snapshot (a worker that just started among others) adopts what the pod flushed
+        # before it: nothing it holds is older, and the pod's shared tier must not be flushed for it.
+        first = previous.seq == 0
+        if current.restarts != previous.restarts and not first:
+            # Every model reloaded with the server: earlier configurations and fingerprints go (answers below).
             self.catalog.forget()
             self.batcher.forget()
             self.fingerprints.forget()
             self.cache.recheck_sharing()
-        elif current.flush_all != previous.flush_all:
-            self.cache.flush()
-        for model, count in current.flushes.items():
-            if previous.flushes.get(model, 0) != count:
-                self.cache.flush(model)
+        for model in self.cache.generations.follow(current.restarts, current.flush_all, current.flushes):
+            if not first:
+                self.cache.memory.flush(None if model == "*" else model)
         if current.loaded is not None and current.loaded != previous.loaded:
             # A model whose loaded versions changed gets a new cache generation: no answer of a gone version.
             for model in self.cache.generations.observe(current.loaded):
-                self.cache.memory.flush(model)
+                if not first:
+                    self.cache.memory.flush(model)
                 self.catalog.forget(model)
                 self.batcher.forget(model)
+        if self.pod_shared:
+            self.metrics.known_models.update(current.known_models)  # the models other workers' calls found
         if self.shared_cache is not None:
             self.shared_cache.epochs = dict(current.fleet_epochs)
             self.shared_cache.fleet_epoch = current.fleet_epoch
@@ -211,9 +237,14 @@ class DataPlane:
         return reply.response() if reply.ok else None
 
     def _model_answers_otherwise(self, model: str) -> None:
-        """A model reloaded in place answers otherwise: its in-process answers go (its shared key moved)."""
-        self.cache.generations.bump(model)
-        self.cache.memory.flush(model)
+        """A model reloaded in place answers otherwise: its in-process answers go (its shared key moved). With
+        workers sharing one tier, the control plane flushes the model for all of them (their keys stay alike)."""
+        if self.pod_shared:
+            self.cache.memory.flush(model)
+            self.observations.model_changed(model)
+        else:
+            self.cache.generations.bump(model)
+            self.cache.memory.flush(model)
 
     async def _verify_fingerprints(self) -> None:
         """Background task: learn what the models the fleet shares answer here, and ask every fingerprinted
@@ -232,7 +263,7 @@ class DataPlane:
         """Listen on both data ports; ConfigError when a port cannot be had."""
         try:
             host, port = split_host_port(self.cfg.listen)
-            await self.data_port.listen(host, port)
+            await self.data_port.listen(host, port, reuse_port=self.pod_shared)
         except OSError as e:
             raise ConfigError(f"listen {self.cfg.listen}: cannot listen ({e.strerror or e})") from None
         if self.grpc is not None:
@@ -242,6 +273,8 @@ class DataPlane:
             self.supervisor.spawn("cache-fingerprints", self._verify_fingerprints)
         if self.shared_cache is not None:
             self.supervisor.spawn("cache-writer", self.shared_cache.run_writer)
+        if isinstance(self.memory, PodTier) and self.cfg.cache.models:
+            self.supervisor.spawn("cache-recency", self.memory.run)
 
     def draining(self) -> None:
         """Readiness has failed: answers now say Connection: close, so clients move elsewhere."""

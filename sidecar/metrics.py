@@ -6,7 +6,8 @@ The per-call families (requests, their latency, the upstream's latency) are lock
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -18,6 +19,13 @@ from .fastmetrics import FastCollector, FastCounter, FastHistogram
 LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 )
+
+# With workers, the pod's families are the control process's and every worker's, merged: counters and histograms
+# summed, these gauges summed (each worker holds its own share), every other gauge by its largest value (the same
+# fact seen from each process: state, readiness, the pod-wide cache tier's size). The pod-wide tier's counter is
+# the same in every worker: its largest value, not the sum.
+SUMMED_GAUGES = frozenset({"sidecar_in_flight_requests", "sidecar_queue_depth", "sidecar_model_requests_per_second"})
+POD_WIDE_COUNTERS = frozenset({"sidecar_cache_evictions"})
 
 MAX_MODEL_LABELS = 1000
 OTHER = "other"
@@ -96,11 +104,21 @@ class Metrics:
             "sidecar_warm_capacity", "1 when this pod can take full traffic, else the warm-up progress (0 draining)",
             registry=r,
         )
+        self.workers = Gauge("sidecar_workers", "Data-plane worker processes serving now (1: a single process)",
+                             registry=r)
+        self.worker_restarts = Counter("sidecar_worker_restarts", "Data-plane workers started again after one died",
+                                       registry=r)
+        self.worker_dropped = Counter(
+            "sidecar_worker_observations_dropped", "What workers observed (calls seen, batch shapes) and could not "
+            "hand the control process: its channel was full", registry=r,
+        )
         self.load = _LoadCollector(self)
         r.register(self.load)
         self._event_children = {e: self.http_events.labels(e) for e in HTTP_EVENTS}
         # Model label values: only models the model server has (its repository index, configuration).
         self.known_models: set[str] = set()
+        # Other processes' families (the workers'), merged into this registry's at each scrape.
+        self.sources: list[Callable[[], Iterable[Iterable[Metric]]]] = []
 
     def watch_state(self, states: list[str], current: Callable[[], str], progress: Callable[[], float]) -> None:
         """The state gauges are read from the state machine at scrape time: no second copy to keep in step."""
@@ -144,7 +162,57 @@ class Metrics:
         self.upstream_seconds.observe((route, self.model_label(model)), seconds)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if not self.sources:
+            return generate_latest(self.registry)
+        families: list[Iterable[Metric]] = [list(self.registry.collect())]
+        for source in self.sources:
+            families.extend(source())
+        return generate_latest(_Families(merge_families(families)))
+
+
+class _Families:
+    """Merged families, in the shape ``generate_latest`` reads."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self.families)
+
+
+def merge_families(sources: Iterable[Iterable[Metric]]) -> list[Metric]:
+    """One family per name from several processes' families (see SUMMED_GAUGES for the rule)."""
+    merged: dict[str, Metric] = {}
+    samples: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], Any]] = {}
+    for families in sources:
+        for family in families:
+            into = merged.get(family.name)
+            if into is None:
+                into = merged[family.name] = Metric(family.name, family.documentation, family.type, family.unit)
+                samples[family.name] = {}
+            table = samples[family.name]
+            summed = (family.type in ("counter", "histogram", "summary") and family.name not in POD_WIDE_COUNTERS) \
+                or family.name in SUMMED_GAUGES
+            for sample in family.samples:
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                old = table.get(key)
+                if old is None:
+                    table[key] = sample
+                elif sample.name.endswith("_created"):
+                    table[key] = sample._replace(value=min(old.value, sample.value))
+                elif summed:
+                    table[key] = sample._replace(value=old.value + sample.value)
+                else:
+                    table[key] = sample._replace(value=max(old.value, sample.value))
+    for name, family in merged.items():
+        family.samples = list(samples[name].values())
+    return list(merged.values())
+
+
+def lasting(families: Iterable[Metric]) -> list[Metric]:
+    """What of a process's families outlives it: its counters and histograms (a dead worker's calls still
+    happened), never its gauges."""
+    return [f for f in families if f.type in ("counter", "histogram", "summary") and f.name not in POD_WIDE_COUNTERS]
 
 
 class _LoadCollector:

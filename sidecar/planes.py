@@ -11,8 +11,8 @@ The control plane asks a data plane for four things more (:class:`DataSide`): to
 through its cache, to fill its cache with a recorded call, a report of what its cache and batcher hold, and
 the demand it served (:class:`Demand`).
 Nothing else crosses: the two never import each other, only this module. In one process a
-:class:`Link` carries both directions by plain calls. Both are plain data and one-way calls so that data
-planes in other processes could take the same two messages over a pipe (not built: one process today).
+:class:`Link` carries both directions by plain calls. Both are plain data and one-way calls, so data-plane
+workers in other processes (``workers`` > 1) take the same messages over a socket (``sidecar/workers``).
 """
 
 from __future__ import annotations
@@ -80,6 +80,9 @@ class Observations(Protocol):
     def restriction_named(self, http_header: bytes, grpc_key: bytes) -> None:
         """The model server refused a call naming a restriction key (either may be b"")."""
 
+    def model_known(self, model: str) -> None:
+        """The model server answered a call for ``model``: it exists (a metrics label; a worker's own learning)."""
+
 
 INFERENCE_ROUTES = frozenset({"infer", "predict", "classify", "regress"})  # metrics route labels of inference
 
@@ -108,6 +111,12 @@ class DataSide(Protocol):
 
     def demand(self) -> Demand:
         """Per-model inference totals and rates."""
+
+    async def refresh(self) -> None:
+        """Bring ``report`` and ``demand`` up to date (data planes in other processes are asked)."""
+
+    def workers_report(self) -> dict[str, Any]:
+        """For /status: the worker processes (``workers``): how many run, restarts."""
 
 
 Listener = Callable[[Snapshot, Snapshot], None]  # (previous, current)
@@ -212,3 +221,7 @@ class Link:
     def restriction_named(self, http_header: bytes, grpc_key: bytes) -> None:
         if self._receiver is not None:
             self._receiver.restriction_named(http_header, grpc_key)
+
+    def model_known(self, model: str) -> None:
+        if self._receiver is not None:
+            self._receiver.model_known(model)

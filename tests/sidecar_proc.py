@@ -80,6 +80,8 @@ class SidecarProcess(ServerProcess):
             *([] if "--store" in self.extra_args else ["--store", str(self.workdir / f"traffic-{self.port}.db")]),
             *([] if any(a.startswith("grpc_listen=") for a in self.extra_args) else
               ["--set", f"grpc_listen={self.grpc_url}"]),
+            # One process unless a test asks for workers: the product's default (auto) would follow this machine.
+            *([] if any(a.startswith("workers=") for a in self.extra_args) else ["--set", "workers=1"]),
             *self.extra_args,
         ]
 

@@ -68,6 +68,15 @@ def batching(triton: TritonServer, tmp_path_factory: pytest.TempPathFactory) -> 
         yield proc
 
 
+@pytest.fixture(scope="module")
+def batching_workers(triton: TritonServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SidecarProcess]:
+    """The same with two data-plane workers: each learns shapes on its own, the model's load is the pod's."""
+    args = ["--set", "batch.models=identity_fp32,picky,slow,pad_rows", "--set", "batch.max_delay=0.05",
+            "--set", "workers=2"]
+    with SidecarProcess(triton.url, tmp_path_factory.mktemp("batching-workers"), "triton", args) as proc:
+        yield proc
+
+
 ANSWER_LIMIT = 2000  # bytes: one row of 256 short floats as JSON fits; two rows of them, binary, do not
 
 
@@ -115,14 +124,17 @@ def concurrently(url: str, path: str, bodies: list[bytes], headers: list[dict[st
         return list(pool.map(one, range(len(bodies))))
 
 
-def test_concurrent_callers_share_upstream_calls_and_get_their_own_rows(triton: TritonServer,
-                                                                        batching: SidecarProcess) -> None:
+@pytest.mark.parametrize(("front", "workers"), [("batching", 1), ("batching_workers", 2)])
+def test_concurrent_callers_share_upstream_calls_and_get_their_own_rows(
+        triton: TritonServer, front: str, workers: int, request: pytest.FixtureRequest) -> None:
+    batching: SidecarProcess = request.getfixturevalue(front)
     rng = random.Random(3)
     callers = 48
     values = [[rng.uniform(-1e3, 1e3) for _ in range(3)] for _ in range(callers)]
     bodies = [json_call(v, f"caller-{i}", binary=i % 2 == 1) for i, v in enumerate(values)]
+    # Each worker learns the kind of call on its own: enough priming calls that both see several.
     prime(batching.url, "identity_fp32", [json_call([float(i)] * 3, f"prime-{i}", binary=i % 2 == 1)
-                                          for i in range(2 * CONFIRM)])
+                                          for i in range(2 * CONFIRM * workers * workers)])
     before = triton.model_counts("identity_fp32")
     answers = concurrently(batching.url, "/v2/models/identity_fp32/infer", bodies)
     assert all(a.status == 200 for a in answers)

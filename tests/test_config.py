@@ -139,9 +139,10 @@ def test_record_false_takes_the_recorder_out_of_the_pipeline(tmp_path: Path) -> 
     from sidecar.app import Sidecar
 
     store = str(tmp_path / "t.db")
-    assert [s.name for s in Sidecar(load({"store": store}, {}, {})).data.stages] == ["gate", "recorder"]
+    one = {"store": store, "workers": "1"}
+    assert [s.name for s in Sidecar(load(one, {}, {})).data.stages] == ["gate", "recorder"]
     config = tmp_path / "c.yaml"
-    config.write_text(f"store: {store}\nrecord: false\n")
+    config.write_text(f"store: {store}\nrecord: false\nworkers: 1\n")
     cfg = load(read_yaml(str(config)), {}, {})
     assert cfg.record.enabled is False
     assert [s.name for s in Sidecar(cfg).data.stages] == ["gate"]
@@ -150,7 +151,8 @@ def test_record_false_takes_the_recorder_out_of_the_pipeline(tmp_path: Path) -> 
 def test_every_metric_is_documented(tmp_path: Path) -> None:
     from sidecar.app import Sidecar
 
-    lines = Sidecar(load({"store": str(tmp_path / "t.db")}, {}, {})).metrics.render().decode().splitlines()
+    one = load({"store": str(tmp_path / "t.db"), "workers": "1"}, {}, {})
+    lines = Sidecar(one).metrics.render().decode().splitlines()
     # prometheus_client adds a *_created series to each unlabelled counter: its own, not ours to document.
     exported = {line.split()[2] for line in lines if line.startswith("# TYPE") and not line.split()[2].endswith(
         "_created")}

@@ -38,7 +38,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> set[str]:
     """Every series name the sidecar exports: its own registry plus the cache and model-book collectors
     the composition root registers, as /metrics writes them (histograms as _bucket/_sum/_count)."""
     store = tmp_path_factory.mktemp("dashboard") / "store.db"
-    text = Sidecar(load({"store": str(store)}, {}, {})).metrics.render().decode()
+    text = Sidecar(load({"store": str(store), "workers": "1"}, {}, {})).metrics.render().decode()
     names = set()
     for line in text.splitlines():
         if line.startswith("# TYPE "):

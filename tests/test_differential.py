@@ -824,7 +824,25 @@ def assert_no_mismatch(mismatches: list[str], total: int) -> None:
         "\n".join(mismatches)
 
 
-def test_triton_corpus_is_answered_identically(triton: TritonServer, sidecar: SidecarProcess) -> None:
+@pytest.fixture(scope="module")
+def sidecar_workers(triton: TritonServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SidecarProcess]:
+    """The session Triton behind a sidecar of two data-plane workers."""
+    with SidecarProcess(triton.url, tmp_path_factory.mktemp("workers"), "triton", ["--set", "workers=2"]) as proc:
+        yield proc
+
+
+@pytest.fixture(scope="module")
+def kserve_sidecar_workers(kserve: KServeServer, tmp_path_factory: pytest.TempPathFactory
+                           ) -> Iterator[SidecarProcess]:
+    args = ["--set", f"upstream.models={kserve.model}", "--set", "workers=2"]
+    with SidecarProcess(kserve.url, tmp_path_factory.mktemp("ks-workers"), "tfserving", args) as proc:
+        yield proc
+
+
+@pytest.mark.parametrize("front", ["sidecar", "sidecar_workers"])
+def test_triton_corpus_is_answered_identically(triton: TritonServer, front: str,
+                                               request: pytest.FixtureRequest) -> None:
+    sidecar: SidecarProcess = request.getfixturevalue(front)
     cases = triton_corpus()
     assert len(cases) >= 500
     assert len({c.name for c in cases}) == len(cases), "case names must be unique"
@@ -837,7 +855,10 @@ def test_triton_corpus_is_answered_identically(triton: TritonServer, sidecar: Si
     assert triton.running and http_status(triton.http_port, "/v2/health/live") == 200
 
 
-def test_tfserving_corpus_is_answered_identically(kserve: KServeServer, kserve_sidecar: SidecarProcess) -> None:
+@pytest.mark.parametrize("front", ["kserve_sidecar", "kserve_sidecar_workers"])
+def test_tfserving_corpus_is_answered_identically(kserve: KServeServer, front: str,
+                                                  request: pytest.FixtureRequest) -> None:
+    kserve_sidecar: SidecarProcess = request.getfixturevalue(front)
     cases = tfserving_corpus(kserve.model)
     assert len(cases) >= 140
     assert len({c.name for c in cases}) == len(cases), "case names must be unique"

@@ -133,10 +133,21 @@ class Front:
     log_offset: int = 0
 
 
+FRONT_ARGS = ["--set", "limits.header_timeout=1", "--set", "limits.body_timeout=1", "--set", "log_level=debug"]
+
+
 @pytest.fixture(scope="module")
 def front(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Front]:
     workdir = tmp_path_factory.mktemp("fuzz")
-    args = ["--set", "limits.header_timeout=1", "--set", "limits.body_timeout=1", "--set", "log_level=debug"]
+    with ScriptedUpstream() as upstream, SidecarProcess(upstream.url, workdir, "triton", FRONT_ARGS) as proc:
+        yield Front(proc, upstream)
+
+
+@pytest.fixture(scope="module")
+def front_workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Front]:
+    """The same front with two data-plane workers (the kernel spreads the fuzz's connections over both)."""
+    workdir = tmp_path_factory.mktemp("fuzz-workers")
+    args = [*FRONT_ARGS, "--set", "workers=2"]
     with ScriptedUpstream() as upstream, SidecarProcess(upstream.url, workdir, "triton", args) as proc:
         yield Front(proc, upstream)
 
@@ -523,6 +534,17 @@ def check(front: Front, ex: Exchange) -> Problems:
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example])
 @given(ex=exchanges())
 def test_front_survives_raw_http_fuzz(front: Front, ex: Exchange) -> None:
+    assert_survives(front, ex)
+
+
+@settings(max_examples=1500, deadline=None, derandomize=True, database=None, print_blob=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example])
+@given(ex=exchanges())
+def test_front_of_two_workers_survives_raw_http_fuzz(front_workers: Front, ex: Exchange) -> None:
+    assert_survives(front_workers, ex)
+
+
+def assert_survives(front: Front, ex: Exchange) -> None:
     found = check(front, ex)
     sent = f"\nrequest bytes: {ex.stream()[:1500]!r}"
     assert not found.crashed, "\n".join(found.all()) + sent

@@ -267,9 +267,12 @@ def test_annotations_are_honoured() -> None:
     assert [c["name"] for c in spec["containers"]] == ["logger", "model", SIDECAR_NAME]  # classic
     sidecar = spec["containers"][2]
     assert sidecar["image"] == "registry.example/warm-sidecar:9"
-    # A Redis store needs no emptyDir; /tmp still does (read-only root filesystem).
-    assert sidecar["volumeMounts"] == [{"name": "warm-sidecar-tmp", "mountPath": "/tmp"}]
-    assert spec["volumes"] == [{"name": "warm-sidecar-tmp", "emptyDir": {"sizeLimit": "64Mi"}}]
+    # A Redis store needs no emptyDir; /tmp still does (read-only root filesystem), and /dev/shm holds the
+    # workers' one answer tier.
+    assert sidecar["volumeMounts"] == [{"name": "warm-sidecar-tmp", "mountPath": "/tmp"},
+                                       {"name": "warm-sidecar-shm", "mountPath": "/dev/shm"}]
+    assert spec["volumes"] == [{"name": "warm-sidecar-tmp", "emptyDir": {"sizeLimit": "64Mi"}},
+                               {"name": "warm-sidecar-shm", "emptyDir": {"medium": "Memory", "sizeLimit": "384Mi"}}]
     env = env_of(sidecar)
     assert env == env | {
         "SIDECAR_UPSTREAM_URL": "http://127.0.0.1:7001", "SIDECAR_UPSTREAM_GRPC_URL": "127.0.0.1:7000",

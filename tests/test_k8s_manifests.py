@@ -32,6 +32,7 @@ from sidecar.deploy.settings import (
     DATA_PORT,
     DRAIN_MARGIN,
     GRPC_PORT,
+    SHM_VOLUME,
     SIDECAR_NAME,
     STATUS_KEY,
     STORE_VOLUME,
@@ -168,7 +169,7 @@ def _plain(deployment: Obj) -> Obj:
     spec["initContainers"] = [c for c in spec["initContainers"] if c["name"] != SIDECAR_NAME]
     if not spec["initContainers"]:
         del spec["initContainers"]
-    spec["volumes"] = [v for v in spec["volumes"] if v["name"] not in (STORE_VOLUME, TMP_VOLUME)]
+    spec["volumes"] = [v for v in spec["volumes"] if v["name"] not in (STORE_VOLUME, TMP_VOLUME, SHM_VOLUME)]
     del spec["terminationGracePeriodSeconds"]
     model = spec["containers"][0]
     del model["lifecycle"]
@@ -508,7 +509,7 @@ def test_the_metrics_autoscalers_scale_on_exist(tmp_path: Path) -> None:
     """The HPA, prometheus-adapter rules, KEDA and alert queries name series the sidecar really exports."""
     from sidecar.app import Sidecar
 
-    exported = Sidecar(load({"store": str(tmp_path / "store.db")}, {}, {})).metrics.render().decode()
+    exported = Sidecar(load({"store": str(tmp_path / "store.db"), "workers": "1"}, {}, {})).metrics.render().decode()
     families = {line.split()[2] for line in exported.splitlines() if line.startswith("# TYPE")}
     names = {family + suffix for family in families for suffix in ("", "_total", "_bucket", "_sum", "_count")}
     used = set()

@@ -14,11 +14,11 @@ LAYERS = ("ground", "redis", "cache", "mesh", "forecast", "upstream", "loading",
           "front", "top")
 # Modules directly under sidecar/: the ground floor (types, errors, configuration, metrics), or the top (the
 # composition root, the data plane's assembly and the command line).
-GROUND = {"__init__", "calls", "config", "errors", "fastmetrics", "headers", "identity", "latency", "logs", "metrics",
-          "planes", "sqlite_thread", "state", "supervise"}
+GROUND = {"__init__", "calls", "config", "cpus", "errors", "fastmetrics", "headers", "identity", "latency", "logs",
+          "metrics", "planes", "podload", "sqlite_thread", "state", "supervise"}
 TOP = {"__main__", "app", "cli", "dataplane", "reference", "tools"}
 GROUND_FOLDERS = {"protocols", "protogen"}
-TOP_FOLDERS = {"deploy"}
+TOP_FOLDERS = {"deploy", "workers"}
 # The data plane's folders and the control plane's never import each other: they meet in planes.py.
 DATA_PLANE = {"front", "pipeline"}
 CONTROL_PLANE = {"control"}

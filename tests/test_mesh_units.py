@@ -267,7 +267,7 @@ async def sidecar(tmp_path: Path) -> AsyncIterator[Sidecar]:
     cfg = load({}, {}, {"store": str(tmp_path / "t.db"), "gate.policy": "hold",
                         "upstream.url": f"http://{HOST}:{dead}", "upstream.connect_timeout": "0.5",
                         "mesh.agent_listen": f"{HOST}:{agent_port}", "mesh.degraded_while_warming": "true",
-                        "limits.decode_workers": "0"})
+                        "limits.decode_workers": "0", "workers": "1"})
     app = Sidecar(cfg)
     await app.data.data_port.listen(HOST, data)  # no upstream monitor: the test moves the state machine
     assert app.control.agent is not None

@@ -8,7 +8,7 @@ earlier answers unreachable at once (for the in-process tier; the shared tier fo
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 
 class Generations:
@@ -17,6 +17,12 @@ class Generations:
         self._epochs: dict[str, int] = {}
         self._all = 0  # bumped on a server restart: every model reloaded
         self._keys: dict[str, bytes] = {}
+        # What the control plane has flushed, as absolute counts from its snapshot (restarts, flushes of every
+        # model, of each model) and the fleet's epochs: the same in every worker of the pod, a new one included,
+        # so workers sharing one tier compute the same keys.
+        self._pod = "0.0"
+        self._pod_models: Mapping[str, int] = {}
+        self._fleet: dict[str, tuple[int, int]] = {}
 
     def __repr__(self) -> str:
         return f"<Generations models={len(self.versions)} restarts={self._all}>"
@@ -41,10 +47,30 @@ class Generations:
         self._all += 1
         self._keys.clear()
 
+    def follow(self, restarts: int, flush_all: int, flushes: Mapping[str, int]) -> set[str]:
+        """The control plane's flush counts now; returns the models whose answers they made unreachable (every
+        model the tier may hold is "*")."""
+        pod = f"{restarts}.{flush_all}"
+        changed = {"*"} if pod != self._pod else {m for m in flushes.keys() | self._pod_models.keys()
+                                                   if flushes.get(m, 0) != self._pod_models.get(m, 0)}
+        self._pod, self._pod_models = pod, dict(flushes)
+        self._keys.clear()
+        return changed
+
+    def follow_fleet(self, model: str, epoch: tuple[int, int]) -> bool:
+        """The shared tier's epoch of ``model`` (a flush anywhere in the fleet); True when it moved."""
+        if self._fleet.get(model, (0, 0)) == epoch:
+            return False
+        self._fleet[model] = epoch
+        self._keys.pop(model, None)
+        return True
+
     def key(self, model: str) -> bytes:
         """The in-process tier's generation suffix for ``model``."""
         key = self._keys.get(model)
         if key is None:
-            text = f"|{self.versions.get(model, '')}|{self._epochs.get(model, 0)}|{self._all}"
+            fleet = self._fleet.get(model, (0, 0))
+            text = (f"|{self.versions.get(model, '')}|{self._epochs.get(model, 0)}|{self._all}|{self._pod}."
+                    f"{self._pod_models.get(model, 0)}|{fleet[0]}.{fleet[1]}")
             key = self._keys[model] = text.encode()
         return key

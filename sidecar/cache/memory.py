@@ -79,13 +79,13 @@ _SIZE_AT = struct.Struct("<Q")
 _THAWED_MAX = 128
 
 
-def _freeze(model: str, entry: Entry) -> _Node:
+def freeze(model: str, entry: Entry) -> _Node:
     name = model.encode()
     return b"".join([_PREFIX.pack(entry.expires_at, entry.size, len(name)), name,
                      entries.encode(entry.response, entry.stored_at)])
 
 
-def _thaw(node: _Node) -> Entry:
+def thaw(node: _Node) -> Entry:
     expires_at, size, n = _PREFIX.unpack_from(node)
     response, stored_at = entries.decode(node[_PREFIX.size + n :])
     return Entry(response, stored_at, expires_at, size)
@@ -96,12 +96,12 @@ def _expires(node: _Node) -> float:
     return value
 
 
-def _size(node: _Node) -> int:
+def node_size(node: _Node) -> int:
     value: int = _SIZE_AT.unpack_from(node, 8)[0]
     return value
 
 
-def _model(node: _Node) -> str:
+def node_model(node: _Node) -> str:
     n = node[16] | node[17] << 8
     return node[_PREFIX.size : _PREFIX.size + n].decode()
 
@@ -155,7 +155,7 @@ class MemoryTier:
             if thawed is not None and thawed[0] is node:
                 return thawed[1]
             try:
-                entry = _thaw(node)
+                entry = thaw(node)
             except ValueError:  # what put() wrote always reads back; should it not, it is a miss
                 self.remove(key)
                 return None
@@ -172,13 +172,13 @@ class MemoryTier:
         if entry.size > self.max_bytes:
             return False
         self.remove(key)
-        node = _freeze(model, entry)
+        node = freeze(model, entry)
         self.window[key] = node
         self.bytes["window"] += entry.size
         self._count(node, 1)
         while self.bytes["window"] > self.window_max and self.window:
             candidate_key, candidate = self.window.popitem(last=False)
-            self.bytes["window"] -= _size(candidate)
+            self.bytes["window"] -= node_size(candidate)
             if not self._admit(candidate_key, candidate):
                 self._gone(candidate_key, candidate)
         return key in self.window or key in self.probation or key in self.protected
@@ -187,7 +187,7 @@ class MemoryTier:
         for name, segment in (("window", self.window), ("probation", self.probation), ("protected", self.protected)):
             node = segment.pop(key, None)
             if node is not None:
-                self.bytes[name] -= _size(node)
+                self.bytes[name] -= node_size(node)
                 self._gone(key, node)
                 return
 
@@ -198,9 +198,9 @@ class MemoryTier:
         self._thawed.clear()
         gone = 0
         for name, segment in (("window", self.window), ("probation", self.probation), ("protected", self.protected)):
-            for key in [k for k, n in segment.items() if model is None or _model(n) == model]:
+            for key in [k for k, n in segment.items() if model is None or node_model(n) == model]:
                 node = segment.pop(key)
-                self.bytes[name] -= _size(node)
+                self.bytes[name] -= node_size(node)
                 self._count(node, -1)
                 gone += 1
         return gone
@@ -215,17 +215,17 @@ class MemoryTier:
         out: dict[str, tuple[int, int]] = {}
         for segment in (self.window, self.probation, self.protected):
             for node in segment.values():
-                n, b = out.get(_model(node), (0, 0))
-                out[_model(node)] = (n + 1, b + _size(node))
+                n, b = out.get(node_model(node), (0, 0))
+                out[node_model(node)] = (n + 1, b + node_size(node))
         return out
 
     def _count(self, node: _Node, sign: int) -> None:
-        model = _model(node)
+        model = node_model(node)
         counts = self._models.get(model)
         if counts is None:
             counts = self._models[model] = [0, 0]
         counts[0] += sign
-        counts[1] += sign * _size(node)
+        counts[1] += sign * node_size(node)
         if counts[0] == 0:
             del self._models[model]
 
@@ -242,7 +242,7 @@ class MemoryTier:
     def _admit(self, key: Key, node: _Node) -> bool:
         """Move a window evictee into probation if the main space has room or it out-ranks the victims."""
         main_max = self.max_bytes - self.window_max
-        need = self._main_bytes() + _size(node) - main_max
+        need = self._main_bytes() + node_size(node) - main_max
         if need > 0:
             frequency = self.sketch.estimate(key)
             victims: list[Key] = []
@@ -252,7 +252,7 @@ class MemoryTier:
                     break
                 if self._expired(victim) or self.sketch.estimate(victim_key) < frequency:
                     victims.append(victim_key)
-                    freed += _size(victim)
+                    freed += node_size(victim)
                 else:
                     self.rejections += 1
                     return False  # a victim at least as popular stays; the newcomer goes
@@ -263,7 +263,7 @@ class MemoryTier:
                 self.remove(victim_key)
                 self.evictions += 1
         self.probation[key] = node
-        self.bytes["probation"] += _size(node)
+        self.bytes["probation"] += node_size(node)
         return True
 
     def _victims(self) -> Iterator[tuple[Key, _Node]]:
@@ -272,13 +272,13 @@ class MemoryTier:
 
     def _promote(self, key: Key, node: _Node) -> None:
         del self.probation[key]
-        size = _size(node)
+        size = node_size(node)
         self.bytes["probation"] -= size
         self.protected[key] = node
         self.bytes["protected"] += size
         while self.bytes["protected"] > self.protected_max and len(self.protected) > 1:
             demoted_key, demoted = self.protected.popitem(last=False)
-            demoted_size = _size(demoted)
+            demoted_size = node_size(demoted)
             self.bytes["protected"] -= demoted_size
             self.probation[demoted_key] = demoted
             self.bytes["probation"] += demoted_size

@@ -43,6 +43,8 @@ class AdminActions:
     models_report: Callable[[], dict[str, Any]]  # per model: share, load/warm state, time to warm
     forecast_report: Callable[[], dict[str, Any] | None] = lambda: None  # lead, forecasts, capacity; None: off
     fill_report: Callable[[], dict[str, Any]] = dict  # per model: the cache filled behind readiness
+    workers_report: Callable[[], dict[str, Any]] = dict  # the data-plane worker processes
+    refresh: Callable[[], Awaitable[None]] | None = None  # asks data planes in other processes what they hold now
 
 
 class AdminFront:
@@ -132,15 +134,21 @@ class AdminFront:
         return answer
 
     async def metrics_page(self, request: web.Request) -> web.Response:
+        await self._refresh()
         return web.Response(body=self.metrics.render(), headers={"Content-Type": self.metrics.content_type})
 
     async def status(self, request: web.Request) -> web.Response:
         """Plain text for people; ``?format=json`` (or Accept: application/json) for programs."""
         plan = await self._current_plan()
+        await self._refresh()
         data = self.status_data(plan)
         if request.query.get("format") == "json" or "application/json" in request.headers.get("Accept", ""):
             return web.Response(body=orjson.dumps(data, option=orjson.OPT_INDENT_2), content_type="application/json")
         return web.Response(text=self.status_text(data, plan), content_type="text/plain")
+
+    async def _refresh(self) -> None:
+        if self.actions is not None and self.actions.refresh is not None:
+            await self.actions.refresh()
 
     async def _current_plan(self) -> Plan:
         """The plan a warm-up would run now, as of at most ``_PLAN_EVERY`` seconds ago (the last warm-up's when it
@@ -185,6 +193,7 @@ class AdminFront:
             "models": self.actions.models_report() if self.actions is not None else {},
             "forecast": self.actions.forecast_report() if self.actions is not None else None,
             "cache_fill": self.actions.fill_report() if self.actions is not None else {},
+            "workers": self.actions.workers_report() if self.actions is not None else {},
             "plan": [
                 {"model": mp.model, "share": round(mp.share, 4), "max_batch": mp.max_batch,
                  "covered": round(mp.covered, 4),
@@ -214,6 +223,7 @@ class AdminFront:
             f"upstream: {up['url']} ({up['protocol']}), {up['health']}{problem}",
             f"memory:   {data['store']}",
             f"warm-ups: {data['warmups_run']} run since start; background task restarts: {restarts}",
+            _workers_line(data.get("workers") or {}),
             "",
             "now: " + plan.render().rstrip(),
         ]
@@ -244,6 +254,13 @@ class AdminFront:
         if self.warmer.report is not None:
             lines += ["", self.warmer.report.render().rstrip()]
         return "\n".join(lines) + "\n"
+
+
+def _workers_line(workers: dict[str, Any]) -> str:
+    if not workers:
+        return "workers:  1 process"
+    return (f"workers:  {workers.get('running', 0)} of {workers.get('count', 1)} running (setting "
+            f"{workers.get('setting', 'auto')}), {workers.get('restarts', 0)} restarted")
 
 
 def _forecast_lines(forecast: dict[str, Any] | None) -> list[str]:

@@ -115,7 +115,7 @@ class ControlPlane:
                                                      lambda: data.report().get("cache", {}),
                                                      lambda: data.report().get("batch", {}), self.book.report,
                                                      lambda: self.demand.status() if self.demand else None,
-                                                     self.filler.report))
+                                                     self.filler.report, data.workers_report, data.refresh))
         # HAProxy's agent-check port: the pod's weight and state in HAProxy's words (off by default).
         self.agent = AgentServer(cfg.mesh.agent_listen, self.machine) if cfg.mesh.agent_listen else None
         self._admin_runner: web.AppRunner | None = None
@@ -234,6 +234,11 @@ class ControlPlane:
         task: asyncio.Task[object] = asyncio.get_running_loop().create_task(self.flush_cache(model))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    def model_known(self, model: str) -> None:
+        if model not in self.metrics.known_models:
+            self.metrics.learn_model(model)
+            self.publish()  # every worker labels the model's calls by its name from now on
 
     def restriction_named(self, http_header: bytes, grpc_key: bytes) -> None:
         changed = False

@@ -15,6 +15,7 @@ from .settings import (
     DATA_PORT,
     GRPC_PORT,
     RESTRICTED_APIS,
+    SHM_VOLUME,
     SIDECAR_NAME,
     STORE_DIR,
     STORE_VOLUME,
@@ -110,6 +111,11 @@ def _env(s: PodSettings, server: ModelServer) -> list[Obj]:
         ref = {"name": s.admin_token_secret, "key": "token"}
         env.append({"name": ADMIN_TOKEN_ENV, "valueFrom": {"secretKeyRef": ref}})
     env += [{"name": env_name(k), "value": v} for k, v in sidecar_config(s, server).items()]
+    if "workers" not in s.config:
+        # One data-plane worker per CPU requested (rounded up). The container has no CPU limit (below), so
+        # ``auto`` would count every core of the node, and each worker holds its own ~80 MB.
+        field = {"containerName": SIDECAR_NAME, "resource": "requests.cpu", "divisor": "1"}
+        env.append({"name": env_name("workers"), "valueFrom": {"resourceFieldRef": field}})
     if "cache.namespace" not in s.config:
         # Pods of one ReplicaSet share cached answers; a rollout (a new template, new model files or
         # flags) starts a namespace of its own. Empty outside a Deployment: the default namespace.
@@ -145,7 +151,7 @@ def sidecar_container(s: PodSettings, server: ModelServer, http_name: str, grpc_
         },
     }
     # The root filesystem is read-only; Python's tempfile and multiprocessing still want /tmp.
-    mounts = [{"name": TMP_VOLUME, "mountPath": "/tmp"}]
+    mounts = [{"name": TMP_VOLUME, "mountPath": "/tmp"}, {"name": SHM_VOLUME, "mountPath": "/dev/shm"}]
     directory = store_dir(s)
     if directory:
         mounts.insert(0, {"name": STORE_VOLUME, "mountPath": directory})

@@ -38,6 +38,7 @@ from .settings import (
     MODEL_GRPC_PORT_NAME,
     MODEL_HTTP_PORT_NAME,
     NATIVE_SINCE,
+    SHM_VOLUME,
     SIDECAR_CONTAINERS_SINCE,
     SIDECAR_NAME,
     STATUS_KEY,
@@ -182,3 +183,6 @@ def _add_volumes(spec: Obj, s: PodSettings) -> None:
     for name, size in wanted:
         if not any(v.get("name") == name for v in volumes):
             volumes.append({"name": name, "emptyDir": {"sizeLimit": size}})
+    if not any(v.get("name") == SHM_VOLUME for v in volumes):
+        # The workers' shared answer tier (cache.max_bytes, 256 MiB by default, and its B-tree) when workers > 1.
+        volumes.append({"name": SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": "384Mi"}})

@@ -20,6 +20,7 @@ CONFIG_PREFIX = "config."  # warm-sidecar.io/config.<key>: any configuration key
 SIDECAR_NAME = "warm-sidecar"
 STORE_VOLUME = "warm-sidecar-store"
 TMP_VOLUME = "warm-sidecar-tmp"  # /tmp: the root filesystem is read-only
+SHM_VOLUME = "warm-sidecar-shm"  # /dev/shm: the workers' one answer tier (memory; counts against the limit)
 STORE_DIR = "/var/lib/warm-sidecar"
 DEFAULT_IMAGE = f"warm-sidecar:{__version__}"
 

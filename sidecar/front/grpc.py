@@ -32,8 +32,10 @@ log = logging.getLogger("sidecar.grpc")
 
 
 class GrpcFront:
-    def __init__(self, cfg: Config, edge: Edge, view: View, metrics: Metrics, catalog: ModelCatalog) -> None:
+    def __init__(self, cfg: Config, edge: Edge, view: View, metrics: Metrics, catalog: ModelCatalog,
+                 reuse_port: bool = False) -> None:
         self.cfg = cfg
+        self.reuse_port = reuse_port  # workers share the port (SO_REUSEPORT); alone, a taken port is an error
         self.rpcs = Rpcs(cfg, edge, view, metrics)
         # Per-model readiness (the control plane's model book, in the snapshot) for ModelReady and health.
         self.health = HealthService(view, metrics, cfg.upstream.models)
@@ -54,7 +56,7 @@ class GrpcFront:
         server = grpc.aio.server(options=[
             ("grpc.max_receive_message_length", limits.max_body_bytes),
             ("grpc.max_send_message_length", limits.max_answer_bytes),
-            ("grpc.so_reuseport", 0),
+            ("grpc.so_reuseport", 1 if self.reuse_port else 0),
             # Batches completion-queue work: measured +30% calls/s for a relay of small calls on 2 cores.
             ("grpc.optimization_target", "throughput"),
         ])

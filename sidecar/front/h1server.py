@@ -751,10 +751,12 @@ class H1Server:
         assert self._loop is not None, "H1Server used before listen()"
         return self._loop
 
-    async def listen(self, host: str, port: int, backlog: int = 1024) -> None:
+    async def listen(self, host: str, port: int, backlog: int = 1024, reuse_port: bool = False) -> None:
+        """Listen; with ``reuse_port`` beside other processes on the same port (SO_REUSEPORT: the kernel
+        spreads new connections over them)."""
         self._loop = asyncio.get_running_loop()
         self._server = await self._loop.create_server(lambda: H1Connection(self), host, port, backlog=backlog,
-                                                      reuse_address=True)
+                                                      reuse_address=True, reuse_port=reuse_port or None)
         self._sweeper = self._loop.call_later(_SWEEP_INTERVAL, self._sweep)
 
     def admit(self, conn: H1Connection) -> bool:

@@ -47,10 +47,13 @@ from ..errors import AnswerTooLarge, DecodeError, Overloaded, SidecarError, Upst
 from ..identity import shape_signature
 from ..latency import LatencyModel
 from ..metrics import Metrics
+from ..podload import PodLoad
 from ..protocols.request import InferenceRequest, InferenceResponse
 from ..protocols.rows import Signature, batch_signature, merge, rows_of, split
 from ..upstream.models import ModelCatalog, ModelInfo
 from .stage import Next
+
+_POD_POLL = 0.001  # seconds between looks at the other workers' load while only they keep a model busy
 
 log = logging.getLogger("sidecar.batch")
 
@@ -119,8 +122,10 @@ class Batcher:
     name = "batcher"
 
     def __init__(self, cfg: BatchConfig, catalog: ModelCatalog, latency: LatencyModel, metrics: Metrics,
-                 on_batch: OnBatch | None = None) -> None:
+                 on_batch: OnBatch | None = None, pod_load: PodLoad | None = None) -> None:
         self.cfg = cfg
+        # With several workers: the other workers' calls in flight count against a model's capacity too.
+        self.pod_load = pod_load
         self.catalog = catalog
         self.latency = latency
         self.metrics = metrics
@@ -156,7 +161,7 @@ class Batcher:
         signature: Signature = (base, call.context)
         if n >= self._cap(model) or self._mixed(model, signature):
             return await self._alone(model, call, next, signature)
-        if model.in_flight < model.max_concurrent and not model.pending:
+        if self._idle(model) and not model.pending:
             return await self._alone(model, call, next, signature)  # capacity now: no wait, no added latency
         if len(model.pending) >= self.cfg.max_queue:
             raise Overloaded(f"model {req.model}: {len(model.pending)} calls already wait for a batch", 1.0)
@@ -219,14 +224,24 @@ class Batcher:
 
     # -- dispatching ------------------------------------------------------------------------------------
 
+    def _idle(self, model: _Model) -> bool:
+        """Whether the model server can take one more call of ``model`` now (in the whole pod)."""
+        busy = model.in_flight if self.pod_load is None else model.in_flight + self.pod_load.others(model.name)
+        return busy < model.max_concurrent
+
+    def _add(self, model: _Model, calls: int) -> None:
+        model.in_flight += calls
+        if self.pod_load is not None:
+            self.pod_load.set(model.name, model.in_flight)
+
     async def _alone(self, model: _Model, call: Call, next: Next, signature: Signature | None) -> Reply:
-        within = model.in_flight < model.max_concurrent  # past capacity its latency includes the server's queue
-        model.in_flight += 1
+        within = self._idle(model)  # past capacity its latency includes the server's queue
+        self._add(model, 1)
         started = time.perf_counter()
         try:
             reply = await next(call)
         finally:
-            model.in_flight -= 1
+            self._add(model, -1)
             self._wake(model, next)
         n = rows_of(call.request)
         if n is not None and reply.ok:
@@ -247,11 +262,11 @@ class Batcher:
                 break
             oldest = _first(model.pending)
             overdue = loop.time() - oldest.enqueued >= self.cfg.max_delay
-            if model.in_flight >= model.max_concurrent and not (force or overdue):
+            within = self._idle(model)  # an overdue batch's latency includes queueing
+            if not within and not (force or overdue):
                 break
             members = self._take(model, oldest)
-            within = model.in_flight < model.max_concurrent  # an overdue batch's latency includes queueing
-            model.in_flight += 1
+            self._add(model, 1)
             self._spawn(self._run(model, members, next, within))
             force = False
         self._arm(model)
@@ -281,12 +296,22 @@ class Batcher:
             model.timer = None
         if model.pending:
             loop = asyncio.get_running_loop()
-            model.timer = loop.call_at(model.pending[0].enqueued + self.cfg.max_delay, self._overdue, model)
+            due = model.pending[0].enqueued + self.cfg.max_delay
+            if self.pod_load is not None and not model.in_flight and due > loop.time() + _POD_POLL:
+                # Busy in other workers only: no completion here will wake these calls, so look again soon.
+                model.timer = loop.call_later(_POD_POLL, self._poll, model)
+            else:
+                model.timer = loop.call_at(due, self._overdue, model)
 
     def _overdue(self, model: _Model) -> None:
         model.timer = None
         if self._next is not None:
             self._dispatch(model, self._next, force=True)
+
+    def _poll(self, model: _Model) -> None:
+        model.timer = None
+        if self._next is not None:
+            self._dispatch(model, self._next)
 
     def _wake(self, model: _Model, next: Next) -> None:
         if model.pending:
@@ -310,7 +335,7 @@ class Batcher:
             for m in members:
                 _settle(m, error=e)
         finally:
-            model.in_flight -= 1
+            self._add(model, -1)
             self._dispatch(model, next)
 
     async def _run_alone(self, model: _Model, member: _Member, next: Next, waited: float | None = None,

@@ -29,6 +29,7 @@ from ..cache import entry as entries
 from ..cache.fingerprint import Fingerprints
 from ..cache.generation import Generations
 from ..cache.memory import MemoryTier
+from ..cache.podtier import PodTier
 from ..cache.redis import RedisTier
 from ..calls import Call, Reply
 from ..config import CacheConfig
@@ -78,8 +79,8 @@ class CacheStats:
 class CacheStage:
     name = "cache"
 
-    def __init__(self, cfg: CacheConfig, memory: MemoryTier, shared: RedisTier | None, generations: Generations,
-                 metrics: Metrics, clock: Callable[[], float] = time.time,
+    def __init__(self, cfg: CacheConfig, memory: MemoryTier | PodTier, shared: RedisTier | None,
+                 generations: Generations, metrics: Metrics, clock: Callable[[], float] = time.time,
                  sharing: Callable[[], Awaitable[bool]] | None = None,
                  fingerprints: Fingerprints | None = None) -> None:
         self.cfg = cfg
@@ -100,7 +101,6 @@ class CacheStage:
         self.flights: dict[bytes, _Flight] = {}
         self.stats = CacheStats()
         self.corrupt = 0  # shared-tier entries that did not decode (read as misses)
-        self._epochs: dict[str, tuple[int, int]] = {}  # the shared tier's epoch of each model, as followed here
 
     def __repr__(self) -> str:
         return f"<CacheStage {self.memory!r} flights={len(self.flights)} shared={self.shared!r}>"
@@ -139,9 +139,7 @@ class CacheStage:
     def _follow_epoch(self, model: str, epoch: tuple[int, int]) -> None:
         """The fleet-wide epoch of ``model`` moved (a flush or a reload on any replica, read back by the epoch
         refresh): this replica's in-process answers of that model go too, not only the shared tier's."""
-        if self._epochs.get(model, (0, 0)) != epoch:
-            self._epochs[model] = epoch
-            self.generations.bump(model)  # an answer in flight now is stored where nobody looks
+        if self.generations.follow_fleet(model, epoch):  # an answer in flight now is stored where nobody looks
             self.memory.flush(model)
 
     # -- reads ---------------------------------------------------------------------------------------
