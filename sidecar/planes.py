@@ -59,8 +59,8 @@ class Snapshot:
 class Observations(Protocol):
     """What a data plane tells the control plane; each call returns at once and never fails."""
 
-    def seen(self, call: Call) -> None:
-        """A call the model server answered (the recorder's input)."""
+    def seen(self, call: Call, count: int = 1) -> None:
+        """A call the model server answered, ``count`` times (the recorder's input)."""
 
     def batched(self, model: str, shape: str, size: int) -> None:
         """A batch size that reached the model server."""
@@ -194,9 +194,9 @@ class Link:
 
     # Observations, passed on (before the control plane attached there is nobody to tell: it starts first).
 
-    def seen(self, call: Call) -> None:
+    def seen(self, call: Call, count: int = 1) -> None:
         if self._receiver is not None:
-            self._receiver.seen(call)
+            self._receiver.seen(call, count)
 
     def batched(self, model: str, shape: str, size: int) -> None:
         if self._receiver is not None:

@@ -90,6 +90,16 @@ async def test_counts_shapes_and_payloads_reach_the_store(tmp_path: Path) -> Non
     await store.close()
 
 
+async def test_repeats_a_worker_folded_count_as_the_calls_they_were(tmp_path: Path) -> None:
+    rec, store, metrics = recorder(tmp_path)
+    rec.traffic.offer(call("m", 1.0), 5)  # what a data-plane worker sends for 5 identical calls in one batch
+    rec.traffic.offer(call("m", 2.0))
+    await rec.close()
+    assert [round(r.weight, 3) for r in await store.top("m", 10)] == [5.0, 1.0]
+    assert metrics.recorded._value.get() == 6
+    await store.close()
+
+
 async def test_only_answered_calls_of_allowed_models_are_recorded(tmp_path: Path) -> None:
     rec, store, _ = recorder(tmp_path, models=("m",))
     await rec(call("m", 1.0), answer(400))  # type: ignore[arg-type]

@@ -22,14 +22,14 @@ from sidecar import cpus
 from sidecar.cache.entry import Entry, response_size
 from sidecar.cache.generation import Generations
 from sidecar.cache.podtier import PodTier, make_dir, remove_dir
-from sidecar.calls import Call, GrpcWire, HttpWire
+from sidecar.calls import Call, GrpcWire, HttpWire, Memo
 from sidecar.metrics import lasting, merge_families
 from sidecar.planes import Demand
 from sidecar.podload import PodLoad
 from sidecar.protocols.request import InferenceResponse, Protocol, Tensor
 from sidecar.workers.merge import merge_demand, merge_reports
 from sidecar.workers.worker import OUTBOX_ITEMS, Outbox, worker_config
-from tests.test_batcher_units import Upstream, batcher, call, own_rows, request
+from tests.test_batcher_units import Upstream, batcher, call, own_rows, request, until
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                            HealthCheck.function_scoped_fixture])
@@ -279,12 +279,28 @@ async def test_observations_go_up_in_batches_without_payload_bytes_or_front_memo
     outbox.seen(seen)
     outbox.batched("m", "s", 4)
     outbox.upstream_failed()
-    await asyncio.sleep(0.02)
+    await until(lambda: channel.sent)
     assert len(channel.sent) == 1
     kind, items, dropped = channel.sent[0]
-    assert kind == "obs" and dropped == 0 and [k for k, _ in items] == ["seen", "batched", "upstream_failed"]
+    assert kind == "obs" and dropped == 0 and [k for k, _, _ in items] == ["seen", "batched", "upstream_failed"]
     sent_call = items[0][1][0]
     assert sent_call.wire is None and sent_call.memo is None and sent_call.request is req
+
+
+async def test_repeats_within_a_batch_go_up_once_with_their_count() -> None:
+    channel = Channel()
+    outbox = Outbox(channel, max_payload_bytes=1 << 20)  # type: ignore[arg-type]
+    req = request(np.ones((1, 2)))
+    memo = Memo(req)
+    for i in range(5):  # byte-identical calls share the front's memo
+        outbox.seen(Call(req, f"r{i}", 0.0, HttpWire(b"/v2/models/m/infer", (), b"{}"), memo=memo))
+    outbox.seen(Call(req, "other-tenant", 0.0, HttpWire(b"/", (), b"{}"), memo=memo, private=True, scope=b"t"))
+    outbox.seen(Call(req, "no-memo", 0.0, HttpWire(b"/", (), b"{}")))
+    for _ in range(7):
+        outbox.touched("m")
+    await until(lambda: channel.sent)
+    (_, items, _), = channel.sent
+    assert [(k, n) for k, _, n in items] == [("seen", 5), ("seen", 1), ("seen", 1), ("touched", 7)]
 
 
 async def test_a_large_call_goes_up_as_its_key_alone_and_is_never_kept() -> None:
@@ -292,7 +308,7 @@ async def test_a_large_call_goes_up_as_its_key_alone_and_is_never_kept() -> None
     outbox = Outbox(channel, max_payload_bytes=16)  # type: ignore[arg-type]
     req = request(np.ones((1, 64)))
     outbox.seen(Call(req, "r1", 0.0, GrpcWire("/m", b"x" * 300, ())))
-    await asyncio.sleep(0.05)
+    await until(lambda: channel.sent)
     sent_call = channel.sent[0][1][0][1][0]
     assert all(t.data == b"" for t in sent_call.request.inputs) and not sent_call.shareable
     assert sent_call.memo.record_key and sent_call.memo.request is sent_call.request
@@ -300,12 +316,12 @@ async def test_a_large_call_goes_up_as_its_key_alone_and_is_never_kept() -> None
 
 async def test_an_outbox_the_control_process_does_not_read_drops_and_counts() -> None:
     outbox = Outbox(Channel(pending=1 << 30), max_payload_bytes=1 << 20)  # type: ignore[arg-type]
-    for _ in range(10):
-        outbox.touched("m")
+    for i in range(10):
+        outbox.touched(f"m{i}")
     assert outbox.dropped == 10 and not outbox.items
     full = Outbox(Channel(), max_payload_bytes=1 << 20)  # type: ignore[arg-type]
-    for _ in range(OUTBOX_ITEMS + 5):
-        full.touched("m")
+    for i in range(OUTBOX_ITEMS + 5):
+        full.touched(f"m{i}")
     assert full.dropped == 5 and len(full.items) == OUTBOX_ITEMS
 
 

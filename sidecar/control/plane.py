@@ -215,8 +215,8 @@ class ControlPlane:
 
     # -- what data planes tell (Observations) -----------------------------------------------------------------
 
-    def seen(self, call: Call) -> None:
-        self.recording.offer(call)
+    def seen(self, call: Call, count: int = 1) -> None:
+        self.recording.offer(call, count)
 
     def batched(self, model: str, shape: str, size: int) -> None:
         self.recording.observe_batch(model, shape, size)

@@ -88,7 +88,7 @@ class TrafficRecorder:
         self.capacity = capacity
         self.allow = frozenset(cfg.models)
         self.secrets = payload.CREDENTIALS | {name.lower() for name in secret_headers}
-        self._queue: collections.deque[Call] = collections.deque()
+        self._queue: collections.deque[Call | tuple[Call, int]] = collections.deque()
         self._queued_bytes = 0
         self._wake = asyncio.Event()
         self._batches: dict[tuple[str, str, int], int] = {}
@@ -100,15 +100,16 @@ class TrafficRecorder:
     def __repr__(self) -> str:
         return f"<TrafficRecorder queue={len(self._queue)}/{self.cfg.queue_size} models={len(self._models)}>"
 
-    def offer(self, call: Call) -> None:
-        """A call the model server answered: queued for the background task, or dropped and counted."""
+    def offer(self, call: Call, count: int = 1) -> None:
+        """A call the model server answered (``count`` times: a worker folds repeats): queued for the background
+        task, or dropped and counted."""
         if self.allow and call.request.model not in self.allow:
             return
         size = wire_size(call)
         if self._queued_bytes + size > self.cfg.queue_bytes or len(self._queue) >= self.cfg.queue_size:
-            self.metrics.record_dropped.inc()
+            self.metrics.record_dropped.inc(count)
             return
-        self._queue.append(call)
+        self._queue.append(call if count == 1 else (call, count))
         self._queued_bytes += size
         if not self._wake.is_set():
             self._wake.set()
@@ -131,9 +132,13 @@ class TrafficRecorder:
 
     async def _drain(self) -> None:
         while self._queue:
-            await self._observe_safely(self._queue.popleft())
+            item = self._queue.popleft()
+            if isinstance(item, tuple):
+                await self._observe_safely(*item)
+            else:
+                await self._observe_safely(item)
 
-    async def _observe_safely(self, call: Call) -> None:
+    async def _observe_safely(self, call: Call, count: int = 1) -> None:
         """One bad call is dropped and counted; it never stops the recorder."""
         size = wire_size(call)
         self._queued_bytes -= size
@@ -148,19 +153,19 @@ class TrafficRecorder:
                     call.request)
                 if memo is not None:
                     memo.record_key = key  # identical bytes, the same key: computed once
-            self._observe(call, key)
+            self._observe(call, key, count)
         except Exception as e:
             self.metrics.record_errors.inc()
             log.warning("a call could not be recorded (%s); dropped", type(e).__name__)
 
-    def _observe(self, call: Call, identity: str) -> None:
+    def _observe(self, call: Call, identity: str, count: int = 1) -> None:
         req = call.request
         context, secret = self._model_context(call)
         key = payload.call_key(identity, context)
         memory = self._models.get(req.model)
         if memory is None:
             memory = self._models[req.model] = _ModelMemory(self.capacity)
-        evicted = memory.sketch.offer(key)
+        evicted = memory.sketch.offer(key, count)
         if evicted is not None:
             # Between flushes only the sketch's keys keep their sources: memory stays bounded by capacity.
             memory.meta.pop(evicted, None)
@@ -171,7 +176,7 @@ class TrafficRecorder:
             source = None if secret or not self._may_keep(call) else _Source(req, context, key)
             if known is None or source is not None:
                 memory.meta[key] = (shape_signature(req), batch_size(req), source)
-        self.metrics.recorded.inc()
+        self.metrics.recorded.inc(count)
 
     def _model_context(self, call: Call) -> tuple[Context, bool]:
         """The headers of the call that reach the model (Triton's header forwarding), and whether a credential

@@ -28,7 +28,7 @@ from typing import Any
 from prometheus_client.metrics_core import Metric
 
 from ..cache import podtier
-from ..calls import Call, Reply
+from ..calls import Call, Memo, Reply
 from ..config import Config
 from ..errors import ConfigError, UpstreamUnavailable
 from ..metrics import Metrics, lasting, merge_families
@@ -48,6 +48,8 @@ _QUICK_DEATH = 2.0  # a worker that dies sooner after its start is in a crash lo
 _MAX_PAUSE = 5.0
 _OBSERVATIONS = frozenset({"seen", "batched", "touched", "wanted", "upstream_failed", "model_changed",
                            "restriction_named", "model_known"})
+# Said once however often it was repeated in a batch (the others are counted: calls seen, batches sent).
+_ONCE = frozenset({"touched", "wanted", "upstream_failed", "restriction_named", "model_known"})
 
 
 @dataclass(eq=False)
@@ -300,10 +302,17 @@ class WorkerPool:
                     else:
                         future.set_exception(message[3])
 
-    def _observed(self, items: list[tuple[str, tuple[Any, ...]]]) -> None:
-        for kind, args in items:
-            if kind in _OBSERVATIONS:
-                try:
+    def _observed(self, items: list[tuple[str, tuple[Any, ...], int]]) -> None:
+        for kind, args, count in items:
+            if kind not in _OBSERVATIONS:
+                continue
+            if kind == "seen" and args[0].memo is None:
+                args[0].memo = Memo(args[0].request)  # the recorder keys a call once for all its repeats
+            try:
+                if kind == "seen":
+                    self.observations.seen(args[0], count)
+                    continue
+                for _ in range(1 if kind in _ONCE else count):
                     getattr(self.observations, kind)(*args)
-                except Exception as e:  # one bad observation never stops the rest
-                    log.warning("an observation from a worker failed (%s)", type(e).__name__)
+            except Exception as e:  # one bad observation never stops the rest
+                log.warning("an observation from a worker failed (%s)", type(e).__name__)

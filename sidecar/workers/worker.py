@@ -11,7 +11,6 @@ stale state.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import dataclasses
 import logging
@@ -40,7 +39,7 @@ log = logging.getLogger("sidecar.worker")
 
 OUTBOX_ITEMS = 10_000  # observations waiting to go up; beyond, dropped and counted
 OUTBOX_BYTES = 16 * 1024 * 1024  # bytes the control process has not read yet; beyond, observations drop
-_SEND_EVERY = 0.005
+_SEND_EVERY = 0.02  # seconds: what goes up is counts and rare events; fewer, larger messages cost less
 _KEYING_MAX = 4  # large calls being keyed in threads at once (their payload is never sent up)
 
 
@@ -57,13 +56,15 @@ class Start:
 
 class Outbox:
     """The worker's :class:`~sidecar.planes.Observations`: each returns at once; they go up in batches every
-    few ms. Bounded in count and in unread bytes: on overflow an observation is dropped and counted, a call
-    never waits for the control process."""
+    few ms. Within a batch, repeats fold into one item with a count (byte-identical calls, the same model
+    touched), so a hot call costs the channel one item per batch, not one per call. Bounded in items and in
+    unread bytes: on overflow an observation is dropped and counted, a call never waits for the control
+    process."""
 
     def __init__(self, channel: Channel, max_payload_bytes: int) -> None:
         self.channel = channel
         self.max_payload_bytes = max_payload_bytes
-        self.items: collections.deque[tuple[str, tuple[Any, ...]]] = collections.deque()
+        self.items: dict[Any, list[Any]] = {}  # fold key -> [kind, args, count]
         self.dropped = 0
         self._scheduled = False
         self._keying = 0
@@ -72,33 +73,49 @@ class Outbox:
     def __repr__(self) -> str:
         return f"<Outbox {len(self.items)} waiting, {self.dropped} dropped>"
 
-    def _put(self, kind: str, *args: Any) -> None:
+    def _put(self, fold: Any, kind: str, *args: Any) -> None:
+        item = self.items.get(fold)
+        if item is not None:
+            item[2] += 1
+            return
         if len(self.items) >= OUTBOX_ITEMS or self.channel.pending > OUTBOX_BYTES:
             self.dropped += 1
             return
-        self.items.append((kind, args))
+        self.items[fold] = [kind, args, 1]
         if not self._scheduled:
             self._scheduled = True
             asyncio.get_running_loop().call_later(_SEND_EVERY, self._send)
 
     def _send(self) -> None:
         self._scheduled = False
-        items, self.items = list(self.items), collections.deque()
+        items, self.items = [tuple(item) for item in self.items.values()], {}
         with contextlib.suppress(ChannelClosed):
             self.channel.send("obs", items, self.dropped)
 
-    def seen(self, call: Call) -> None:
-        if wire_size(call) <= self.max_payload_bytes:
-            self._put("seen", dataclasses.replace(call, wire=None, memo=None, deadline=0.0))
-        elif self._keying < _KEYING_MAX:
-            self._keying += 1
-            task = asyncio.get_running_loop().create_task(self._seen_large(call))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-        else:
-            self.dropped += 1
+    def seen(self, call: Call, count: int = 1) -> None:
+        if wire_size(call) > self.max_payload_bytes:
+            self._seen_large(call)
+            return
+        # Calls of identical bytes share the front's memo; with the same headers they are one recorded call.
+        memo = call.memo
+        fold = ("seen", id(memo), call.context, call.private, call.scope) if memo is not None else object()
+        if memo is not None and fold in self.items:
+            self.items[fold][2] += count
+            return
+        self._put(fold, "seen", dataclasses.replace(call, wire=None, memo=None, deadline=0.0))
+        if count > 1 and fold in self.items:
+            self.items[fold][2] += count - 1
 
-    async def _seen_large(self, call: Call) -> None:
+    def _seen_large(self, call: Call) -> None:
+        if self._keying >= _KEYING_MAX:
+            self.dropped += 1
+            return
+        self._keying += 1
+        task = asyncio.get_running_loop().create_task(self._key_large(call))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _key_large(self, call: Call) -> None:
         """A call too large to keep for replay is counted by its key alone: its tensors never go up."""
         try:
             key = await asyncio.to_thread(request_key, call.request)
@@ -107,31 +124,31 @@ class Outbox:
             memo = Memo(request)
             memo.record_key = key
             # Marked private with no scope: not shareable, so the recorder keeps its count and no payload.
-            self._put("seen", dataclasses.replace(call, request=request, wire=None, memo=memo, deadline=0.0,
-                                                  private=True, scope=b""))
+            self._put(object(), "seen", dataclasses.replace(call, request=request, wire=None, memo=memo,
+                                                            deadline=0.0, private=True, scope=b""))
         finally:
             self._keying -= 1
 
     def batched(self, model: str, shape: str, size: int) -> None:
-        self._put("batched", model, shape, size)
+        self._put(("batched", model, shape, size), "batched", model, shape, size)
 
     def touched(self, model: str) -> None:
-        self._put("touched", model)
+        self._put(("touched", model), "touched", model)
 
     def wanted(self, model: str) -> None:
-        self._put("wanted", model)
+        self._put(("wanted", model), "wanted", model)
 
     def upstream_failed(self) -> None:
-        self._put("upstream_failed")
+        self._put(("upstream_failed",), "upstream_failed")
 
     def model_changed(self, model: str) -> None:
-        self._put("model_changed", model)
+        self._put(object(), "model_changed", model)
 
     def restriction_named(self, http_header: bytes, grpc_key: bytes) -> None:
-        self._put("restriction_named", http_header, grpc_key)
+        self._put(("restriction_named", http_header, grpc_key), "restriction_named", http_header, grpc_key)
 
     def model_known(self, model: str) -> None:
-        self._put("model_known", model)
+        self._put(("model_known", model), "model_known", model)
 
 
 def worker_config(cfg: Config, workers: int) -> Config:
