@@ -241,7 +241,7 @@ class DataPlane:
         workers sharing one tier, the control plane flushes the model for all of them (their keys stay alike)."""
         if self.pod_shared:
             self.cache.memory.flush(model)
-            self.observations.model_changed(model)
+            self.observations.answers_changed(model)
         else:
             self.cache.generations.bump(model)
             self.cache.memory.flush(model)

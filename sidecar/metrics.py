@@ -117,6 +117,8 @@ class Metrics:
         self._event_children = {e: self.http_events.labels(e) for e in HTTP_EVENTS}
         # Model label values: only models the model server has (its repository index, configuration).
         self.known_models: set[str] = set()
+        # Told of each model learnt here (a worker tells the control process, which tells every worker).
+        self.on_learn: Callable[[str], None] | None = None
         # Other processes' families (the workers'), merged into this registry's at each scrape.
         self.sources: list[Callable[[], Iterable[Iterable[Metric]]]] = []
 
@@ -145,8 +147,10 @@ class Metrics:
 
     def learn_model(self, model: str) -> None:
         """A model the server answered an inference call for exists (TF Serving has no index to list)."""
-        if len(self.known_models) < MAX_MODEL_LABELS:
+        if model not in self.known_models and len(self.known_models) < MAX_MODEL_LABELS:
             self.known_models.add(model)
+            if self.on_learn is not None:
+                self.on_learn(model)
 
     def count_http_event(self, event: str) -> None:
         child = self._event_children.get(event)

@@ -83,6 +83,10 @@ class Observations(Protocol):
     def model_known(self, model: str) -> None:
         """The model server answered a call for ``model``: it exists (a metrics label; a worker's own learning)."""
 
+    def answers_changed(self, model: str) -> None:
+        """``model`` answers otherwise than when its answers were cached (a worker saw its fingerprint move): every
+        worker of this pod forgets them (the fleet's are under another fingerprint already)."""
+
 
 INFERENCE_ROUTES = frozenset({"infer", "predict", "classify", "regress"})  # metrics route labels of inference
 
@@ -225,3 +229,7 @@ class Link:
     def model_known(self, model: str) -> None:
         if self._receiver is not None:
             self._receiver.model_known(model)
+
+    def answers_changed(self, model: str) -> None:
+        if self._receiver is not None:
+            self._receiver.answers_changed(model)

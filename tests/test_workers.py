@@ -6,6 +6,7 @@ Each test's calls go over new connections, which the kernel spreads over the wor
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import os
 import signal
@@ -181,6 +182,21 @@ def test_a_restart_is_counted(triton: TritonServer, tmp_path: Any) -> None:
         os.kill(pid, signal.SIGKILL)
         wait_until(lambda: metric(proc, "sidecar_worker_restarts_total") == 1.0, 10, "the restart counted")
         wait_until(lambda: metric(proc, "sidecar_workers") == 2.0, 10, "two workers again")
+
+
+def test_a_frozen_worker_is_killed_and_replaced(triton: TritonServer, tmp_path: Any) -> None:
+    """A worker whose loop stops answering still holds its share of the port: the control process kills it."""
+    with SidecarProcess(triton.url, tmp_path, "triton", [*WORKERS, *FAST]) as proc:
+        frozen = status(proc)["workers"]["pids"][0]
+        os.kill(frozen, signal.SIGSTOP)
+        try:
+            wait_until(lambda: (w := status(proc)["workers"])["running"] == 2 and frozen not in w["pids"], 30,
+                       "the frozen worker replaced")
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(frozen, signal.SIGCONT)
+        assert not _alive(frozen)
+        assert exchange(proc.url, "GET", "/v2/health/ready").status == 200
 
 
 def test_readiness_leaves_every_worker_within_100_ms_on_both_protocols(triton: TritonServer, tmp_path: Any) -> None:

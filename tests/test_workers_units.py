@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import os
+import random
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -21,15 +23,15 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from sidecar import cpus
 from sidecar.cache.entry import Entry, response_size
 from sidecar.cache.generation import Generations
-from sidecar.cache.podtier import PodTier, make_dir, remove_dir
-from sidecar.calls import Call, GrpcWire, HttpWire, Memo
+from sidecar.cache.podtier import PodTier, make_dir, remove_dir, remove_stale
+from sidecar.calls import Call, GrpcWire, HttpAnswer, HttpWire, Memo, Reply
 from sidecar.metrics import lasting, merge_families
 from sidecar.planes import Demand
 from sidecar.podload import PodLoad
 from sidecar.protocols.request import InferenceResponse, Protocol, Tensor
 from sidecar.workers.merge import merge_demand, merge_reports
 from sidecar.workers.worker import OUTBOX_ITEMS, Outbox, worker_config
-from tests.test_batcher_units import Upstream, batcher, call, own_rows, request, until
+from tests.test_batcher_units import Upstream, batcher, call, identity, own_rows, request, until
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                            HealthCheck.function_scoped_fixture])
@@ -138,6 +140,17 @@ def test_processes_share_answers_and_never_cross_them(tier_dir: str) -> None:
     tier.close()
 
 
+def test_tiers_of_control_processes_that_are_gone_are_removed(tmp_path: Path) -> None:
+    dead_pid = subprocess.Popen(["true"])  # a pid that has exited
+    dead_pid.wait()
+    names = {"dead": f"warm-sidecar-cache-{dead_pid.pid}-x1", "mine": f"warm-sidecar-cache-{os.getpid()}-x2",
+             "alive": f"warm-sidecar-cache-{os.getppid()}-x3", "other": "something-else"}
+    for name in names.values():
+        (tmp_path / name).mkdir()
+    remove_stale(str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([names["alive"], names["other"]])
+
+
 # -- workers: auto ----------------------------------------------------------------------------------------
 
 
@@ -175,15 +188,38 @@ def test_each_worker_writes_its_row_and_reads_the_others(tmp_path: Path) -> None
     assert first.others("m") == 0 and first.others("n") == 0 and second.others("m") == 3
 
 
+def test_a_free_place_goes_to_the_worker_whose_call_waited_longest(tmp_path: Path) -> None:
+    path = str(tmp_path / "load")
+    first, second = PodLoad(path, 2, 0), PodLoad(path, 2, 1)
+    assert first.claim("m", 0, 1)  # free: taken
+    assert not second.claim("m", 0, 1)  # one place, taken by the other worker
+    second.waiting("m", time.monotonic() - 1)  # second's oldest call waits since a second ago
+    first.waiting("m", time.monotonic())
+    first.set("m", 0)  # first's call came back
+    assert not first.claim("m", 0, 1)  # the place goes to the longer wait, not to whoever asks first
+    assert second.claim("m", 0, 1)
+    second.set("m", 0)
+    second.waiting("m", None)
+    assert first.claim("m", 0, 2) and first.claim("m", 1, 2) and not second.claim("m", 0, 2)
+
+
 class OthersBusy:
+    """The other workers' side of the load view: ``busy`` calls in flight there."""
+
     def __init__(self, busy: int) -> None:
         self.busy = busy
 
     def set(self, model: str, in_flight: int) -> None:
         pass
 
+    def waiting(self, model: str, since: float | None) -> None:
+        pass
+
     def others(self, model: str) -> int:
         return self.busy
+
+    def claim(self, model: str, in_flight: int, limit: int) -> bool:
+        return self.busy + in_flight < limit
 
 
 async def test_a_model_busy_in_other_workers_gathers_calls_here_and_they_leave_when_it_frees() -> None:
@@ -196,6 +232,42 @@ async def test_a_model_busy_in_other_workers_gathers_calls_here_and_they_leave_w
     replies = await asyncio.gather(*tasks)
     assert len(upstream.calls) == 1 and (upstream.calls[0].wire is None)  # they left together, long before
     assert all(own_rows(r, float(i)) for i, r in enumerate(replies))      # max_delay's 50 ms, each its own rows
+
+
+class OnePlace:
+    """A model server that runs one call at a time (an identity model); counts the most ever at once."""
+
+    def __init__(self) -> None:
+        self.now = self.peak = 0
+        self.calls: list[Call] = []
+
+    async def __call__(self, call: Call) -> Reply:
+        self.calls.append(call)
+        self.now += 1
+        self.peak = max(self.peak, self.now)
+        try:
+            await asyncio.sleep(0.01)
+        finally:
+            self.now -= 1
+        return Reply(200, wire=HttpAnswer(200, b"OK", (), b""), for_call=call, response=identity(call.request))
+
+
+async def test_two_workers_batchers_take_turns_at_the_models_one_place(tmp_path: Path) -> None:
+    path = str(tmp_path / "load")
+    workers = [batcher(max_delay=1.0), batcher(max_delay=1.0)]
+    for i, stage in enumerate(workers):
+        stage.pod_load = PodLoad(path, 2, i)
+    upstream = OnePlace()
+    rng = random.Random(7)
+
+    async def caller(i: int) -> Reply:
+        await asyncio.sleep(rng.random() * 0.1)
+        return await workers[i % 2](call(float(i)), upstream)
+
+    replies = await asyncio.gather(*(caller(i) for i in range(60)))
+    assert all(own_rows(r, float(i)) for i, r in enumerate(replies))
+    assert upstream.peak == 1  # never two calls at once: the place is the pod's, not each worker's
+    assert len(upstream.calls) < 30  # they gathered into batches while the other worker's ran
 
 
 # -- merging the workers' metrics and reports ---------------------------------------------------------------
@@ -238,14 +310,14 @@ def test_a_dead_workers_counters_outlive_it_and_its_gauges_do_not() -> None:
 def test_reports_add_counts_and_show_the_pod_tier_once() -> None:
     one = {"cache": {"entries": 5, "bytes": 500, "models": {"m": {"hits": 3, "misses": 1, "redis_hits": 0,
                                                                   "coalesced": 0, "entries": 5, "hit_ratio": 0.75}}},
-           "batch": {"m": {"in_flight": 1, "max_batch": 8, "stopped": False}}}
+           "batch": {"m": {"in_flight": 1, "max_batch": 8, "stopped": False, "latency_ms": {"1": 2.0}}}}
     two = {"cache": {"entries": 5, "bytes": 500, "models": {"m": {"hits": 0, "misses": 1, "redis_hits": 0,
                                                                   "coalesced": 0, "entries": 5, "hit_ratio": 0.0}}},
-           "batch": {"m": {"in_flight": 2, "max_batch": 8, "stopped": True}}}
+           "batch": {"m": {"in_flight": 2, "max_batch": 8, "stopped": True, "latency_ms": {"1": 3.0}}}}
     merged = merge_reports([one, two])
     assert merged["cache"]["entries"] == 5 and merged["cache"]["models"]["m"]["hits"] == 3
     assert merged["cache"]["models"]["m"]["hit_ratio"] == 0.6
-    assert merged["batch"]["m"] == {"in_flight": 3, "max_batch": 8, "stopped": True}
+    assert merged["batch"]["m"] == {"in_flight": 3, "max_batch": 8, "stopped": True, "latency_ms": {"1": 2.0}}
     assert merge_demand([Demand({"m": 2.0}, {"m": 1.0}), Demand({"m": 3.0, "n": 1.0}, {})]) == Demand(
         {"m": 5.0, "n": 1.0}, {"m": 1.0})
 

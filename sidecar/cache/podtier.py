@@ -56,17 +56,48 @@ def room_needed(max_bytes: int) -> int:
     return max_bytes * 5 // 4 + 16 * 1024 * 1024
 
 
+_PREFIX = "warm-sidecar-cache-"
+
+
 def make_dir(max_bytes: int) -> str:
     """A fresh directory for the pod's tier: in /dev/shm when it has room (memory, never written back to a
-    disk), else in the temporary directory. The control process makes it and removes it at exit."""
+    disk), else in the temporary directory. The control process makes it and removes it at exit; what a
+    killed one left behind is removed here first (a pod's emptyDir outlives a restarted container)."""
+    for base in ("/dev/shm", tempfile.gettempdir()):
+        remove_stale(base)
     for base in ("/dev/shm", tempfile.gettempdir()):
         try:
             st = os.statvfs(base)
         except OSError:
             continue
         if st.f_bavail * st.f_frsize >= room_needed(max_bytes) and os.access(base, os.W_OK):
-            return tempfile.mkdtemp(prefix="warm-sidecar-cache-", dir=base)
-    return tempfile.mkdtemp(prefix="warm-sidecar-cache-")
+            return tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-", dir=base)
+    return tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-")
+
+
+def remove_stale(base: str) -> None:
+    """Remove the tiers of control processes that are gone: their pid runs nothing, or is this process's own
+    (a container restarted in a fresh pid namespace gets the same pid)."""
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return
+    for name in names:
+        pid = name[len(_PREFIX):].partition("-")[0]
+        if not name.startswith(_PREFIX) or not pid.isdigit():
+            continue
+        if int(pid) == os.getpid() or not _running(int(pid)):
+            remove_dir(os.path.join(base, name))
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def remove_dir(path: str) -> None:
@@ -87,6 +118,7 @@ class PodTier:
         self.order = self.env.open_db(b"o")
         self.index = self.env.open_db(b"x")
         self.stats = self.env.open_db(b"s")
+        self.env.reader_check()  # reader slots of a worker that was killed: their pages may be reused
         self.sketch = FrequencySketch(max(1024, max_bytes // 4096))
         self.rejections = 0
         self.failures = 0  # writes LMDB refused (map full): answers not stored
@@ -166,12 +198,24 @@ class PodTier:
         return True
 
     def remove(self, key: Key) -> None:
-        with self.env.begin(write=True) as txn:
-            self._remove(txn, _stored_key(key))
+        try:
+            with self.env.begin(write=True) as txn:
+                self._remove(txn, _stored_key(key))
+        except lmdb.Error:
+            self.failures += 1
 
     def flush(self, model: str | None = None) -> int:
-        """Forget every answer (of one model) for the whole pod; returns how many."""
+        """Forget every answer (of one model) for the whole pod; returns how many. A flush LMDB cannot do
+        (its map full) forgets nothing: the answers are already unreachable (their keys' generation moved)
+        and age out."""
         self._thawed.clear()
+        try:
+            return self._flush(model)
+        except lmdb.Error:
+            self.failures += 1
+            return 0
+
+    def _flush(self, model: str | None) -> int:
         with self.env.begin(write=True) as txn:
             if model is None:
                 gone = _get(txn, self.stats, _COUNT)
@@ -223,6 +267,13 @@ class PodTier:
         touched, self._touched = self._touched, set()
         if not touched:
             return 0
+        try:
+            return self._touch(touched)
+        except lmdb.Error:
+            self.failures += 1
+            return 0
+
+    def _touch(self, touched: set[bytes]) -> int:
         moved = 0
         with self.env.begin(write=True) as txn:
             seq = _get(txn, self.stats, _NEXT)

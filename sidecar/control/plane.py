@@ -235,6 +235,10 @@ class ControlPlane:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
+    def answers_changed(self, model: str) -> None:
+        self.flushes[model] = self.flushes.get(model, 0) + 1
+        self.publish()
+
     def model_known(self, model: str) -> None:
         if model not in self.metrics.known_models:
             self.metrics.learn_model(model)

@@ -80,6 +80,7 @@ class _Member:
     signature: Signature  # the request's batch_signature and the call's context
     future: asyncio.Future[Reply]
     enqueued: float
+    stamp: float = field(default_factory=time.monotonic)  # arrival on the clock every worker shares
 
     @property
     def low(self) -> bool:
@@ -161,8 +162,8 @@ class Batcher:
         signature: Signature = (base, call.context)
         if n >= self._cap(model) or self._mixed(model, signature):
             return await self._alone(model, call, next, signature)
-        if self._idle(model) and not model.pending:
-            return await self._alone(model, call, next, signature)  # capacity now: no wait, no added latency
+        if not model.pending and self._claim(model):
+            return await self._alone(model, call, next, signature, claimed=True)  # capacity now: no wait
         if len(model.pending) >= self.cfg.max_queue:
             raise Overloaded(f"model {req.model}: {len(model.pending)} calls already wait for a batch", 1.0)
         loop = asyncio.get_running_loop()
@@ -229,14 +230,28 @@ class Batcher:
         busy = model.in_flight if self.pod_load is None else model.in_flight + self.pod_load.others(model.name)
         return busy < model.max_concurrent
 
+    def _claim(self, model: _Model) -> bool:
+        """Take a free place of the model's ``max_concurrent`` (pod-wide, first come first served among the
+        workers); False when there is none."""
+        if self.pod_load is None:
+            free = model.in_flight < model.max_concurrent
+        else:
+            free = self.pod_load.claim(model.name, model.in_flight, model.max_concurrent)
+        if free:
+            model.in_flight += 1
+        return free
+
     def _add(self, model: _Model, calls: int) -> None:
+        """Count calls in flight that took no free place (sent past capacity), or that came back."""
         model.in_flight += calls
         if self.pod_load is not None:
             self.pod_load.set(model.name, model.in_flight)
 
-    async def _alone(self, model: _Model, call: Call, next: Next, signature: Signature | None) -> Reply:
-        within = self._idle(model)  # past capacity its latency includes the server's queue
-        self._add(model, 1)
+    async def _alone(self, model: _Model, call: Call, next: Next, signature: Signature | None,
+                     claimed: bool = False) -> Reply:
+        within = claimed or self._idle(model)  # past capacity its latency includes the server's queue
+        if not claimed:
+            self._add(model, 1)
         started = time.perf_counter()
         try:
             reply = await next(call)
@@ -262,11 +277,12 @@ class Batcher:
                 break
             oldest = _first(model.pending)
             overdue = loop.time() - oldest.enqueued >= self.cfg.max_delay
-            within = self._idle(model)  # an overdue batch's latency includes queueing
+            within = self._claim(model)  # an overdue batch's latency includes queueing
             if not within and not (force or overdue):
                 break
             members = self._take(model, oldest)
-            self._add(model, 1)
+            if not within:
+                self._add(model, 1)
             self._spawn(self._run(model, members, next, within))
             force = False
         self._arm(model)
@@ -294,6 +310,8 @@ class Batcher:
         if model.timer is not None:
             model.timer.cancel()
             model.timer = None
+        if self.pod_load is not None:  # the other workers see how long this one's oldest call has waited
+            self.pod_load.waiting(model.name, _first(model.pending).stamp if model.pending else None)
         if model.pending:
             loop = asyncio.get_running_loop()
             due = model.pending[0].enqueued + self.cfg.max_delay

@@ -12,6 +12,8 @@ from typing import Any
 from ..planes import Demand
 
 _POD_WIDE = frozenset({"entries", "bytes", "max_bytes", "max_batch", "cap", "max_concurrent"})
+# Subtrees that are each worker's own reading of one fact, not counts: the first worker's is shown.
+_FIRST = frozenset({"latency_ms", "fingerprints"})
 
 
 def merge_reports(reports: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -31,6 +33,8 @@ def _merge(into: Mapping[str, Any], other: Mapping[str, Any]) -> dict[str, Any]:
         mine = out.get(key)
         if key not in out:
             out[key] = value
+        elif key in _FIRST:
+            continue
         elif isinstance(mine, Mapping) and isinstance(value, Mapping):
             out[key] = _merge(mine, value)
         elif isinstance(mine, bool) or isinstance(value, bool):

@@ -46,10 +46,11 @@ STATE_TIMEOUT = 1.0  # seconds a worker may take to say what it holds
 POLL_EVERY = 1.0
 _QUICK_DEATH = 2.0  # a worker that dies sooner after its start is in a crash loop: wait before the next
 _MAX_PAUSE = 5.0
+_MISSED_MAX = 10  # state questions (one a second) a worker may leave unanswered in a row before it is killed
 _OBSERVATIONS = frozenset({"seen", "batched", "touched", "wanted", "upstream_failed", "model_changed",
-                           "restriction_named", "model_known"})
+                           "restriction_named", "model_known", "answers_changed"})
 # Said once however often it was repeated in a batch (the others are counted: calls seen, batches sent).
-_ONCE = frozenset({"touched", "wanted", "upstream_failed", "restriction_named", "model_known"})
+_ONCE = frozenset({"touched", "wanted", "upstream_failed", "restriction_named", "model_known", "answers_changed"})
 
 
 @dataclass(eq=False)
@@ -63,6 +64,7 @@ class _Worker:
     state: dict[str, Any] = field(default_factory=dict)  # its last answer to "state"
     asks: dict[int, asyncio.Future[Any]] = field(default_factory=dict)
     dropped: int = 0
+    missed: int = 0  # state questions unanswered in a row
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
 
@@ -82,6 +84,7 @@ class WorkerPool:
         self._asks = itertools.count()
         self._turn = itertools.count()
         self._stopping = False
+        self._draining = False
         self._retired: list[Metric] = []  # what dead workers counted
         self._retired_totals: dict[str, float] = {}
         self._pauses: dict[int, float] = {}
@@ -126,9 +129,14 @@ class WorkerPool:
             with contextlib.suppress(ProcessLookupError):
                 process.kill()
             await process.wait()
+            channel.close()
+            if self.workers.get(index) is worker:
+                del self.workers[index]
             raise ConfigError(str(message[1]))
         worker.pid, worker.ready = int(message[1]), True
         worker.tasks = [loop.create_task(self._read(worker)), loop.create_task(self._watch(worker))]
+        if self._draining:
+            channel.send("draining")  # started again while the pod drains
 
     async def _watch(self, worker: _Worker) -> None:
         status = await worker.process.wait()
@@ -147,8 +155,8 @@ class WorkerPool:
             try:
                 await self._start(worker.index)
                 return
-            except ConfigError as e:
-                log.error("worker %d could not start again (%s)", worker.index, e)
+            except Exception as e:  # tried again until it starts: the pod must not lose a worker for good
+                log.error("worker %d could not start again (%s: %s)", worker.index, type(e).__name__, e)
                 pause = min(_MAX_PAUSE, max(pause * 2, 0.1))
 
     def _gone(self, worker: _Worker) -> None:
@@ -171,6 +179,7 @@ class WorkerPool:
                 task.cancel()
 
     def draining(self) -> None:
+        self._draining = True
         for worker in list(self.workers.values()):
             with contextlib.suppress(ChannelClosed):
                 worker.channel.send("draining")
@@ -250,14 +259,30 @@ class WorkerPool:
     async def refresh(self) -> None:
         """Ask every worker what it holds now (its report, demand and metrics)."""
         async def one(worker: _Worker) -> None:
-            with contextlib.suppress(UpstreamUnavailable, TimeoutError):
+            try:
                 worker.state = await self._ask(worker, "state", None, STATE_TIMEOUT)
-                dropped = int(worker.state.get("dropped", 0))
-                if dropped > worker.dropped:
-                    self.metrics.worker_dropped.inc(dropped - worker.dropped)
-                    worker.dropped = dropped
+            except TimeoutError:
+                self._unanswered(worker)
+                return
+            except UpstreamUnavailable:
+                return
+            worker.missed = 0
+            dropped = int(worker.state.get("dropped", 0))
+            if dropped > worker.dropped:
+                self.metrics.worker_dropped.inc(dropped - worker.dropped)
+                worker.dropped = dropped
 
         await asyncio.gather(*(one(w) for w in list(self.workers.values()) if w.ready))
+
+    def _unanswered(self, worker: _Worker) -> None:
+        """A worker whose loop does not answer for ``_MISSED_MAX`` seconds in a row is stuck: its listening
+        sockets still take connections nobody serves. It is killed, and so started again."""
+        worker.missed += 1
+        if worker.missed >= _MISSED_MAX and worker.process.returncode is None:
+            log.error("worker %d (pid %d) has not answered for %d s; killing it", worker.index, worker.pid,
+                      worker.missed)
+            with contextlib.suppress(ProcessLookupError):
+                worker.process.kill()
 
     async def _poll(self) -> None:
         while True:

@@ -96,9 +96,10 @@ class Outbox:
         if wire_size(call) > self.max_payload_bytes:
             self._seen_large(call)
             return
-        # Calls of identical bytes share the front's memo; with the same headers they are one recorded call.
+        # Calls of identical bytes share the front's memo; with the same headers they are one recorded call. The
+        # key holds the memo itself (compared by identity), so it lives until the batch is sent.
         memo = call.memo
-        fold = ("seen", id(memo), call.context, call.private, call.scope) if memo is not None else object()
+        fold = ("seen", memo, call.context, call.private, call.scope) if memo is not None else object()
         if memo is not None and fold in self.items:
             self.items[fold][2] += count
             return
@@ -150,6 +151,9 @@ class Outbox:
     def model_known(self, model: str) -> None:
         self._put(("model_known", model), "model_known", model)
 
+    def answers_changed(self, model: str) -> None:
+        self._put(("answers_changed", model), "answers_changed", model)
+
 
 def worker_config(cfg: Config, workers: int) -> Config:
     """A worker's share of the pod's connection and memory limits (each worker enforces its own)."""
@@ -177,19 +181,12 @@ class Worker:
         self.load.clear(start.index)
         self.data = DataPlane(cfg, self.metrics, self.view, self.outbox, self.redis, self.supervisor,
                               PodParts(self.tier, self.load))
-        self._learn = self.metrics.learn_model
-        self.metrics.learn_model = self._learned  # type: ignore[method-assign]
+        self.metrics.on_learn = self.outbox.model_known
         self.view.apply(start.snapshot)
         self._tasks: set[asyncio.Task[None]] = set()
 
     def __repr__(self) -> str:
         return f"<Worker {self.start_message.index} {self.data!r}>"
-
-    def _learned(self, model: str) -> None:
-        """A model this worker's upstream answered for: the control process learns it and tells every worker."""
-        if model not in self.metrics.known_models:
-            self._learn(model)
-            self.outbox.model_known(model)
 
     async def run(self) -> int:
         try:
