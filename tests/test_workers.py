@@ -10,6 +10,9 @@ import contextlib
 import http.client
 import os
 import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -20,9 +23,9 @@ import orjson
 import pytest
 import tritonclient.grpc as grpcclient
 
-from tests.servers import TritonServer, wait_until
+from tests.servers import TritonServer, free_ports, wait_until
 from tests.sidecar_proc import SidecarProcess
-from tests.test_cache import FAST, cache_of, flush, metric, status
+from tests.test_cache import FAST, cache_of, flush, infer_body, metric, status
 from tests.wire import exchange
 
 IDENTITY = "identity_fp32"
@@ -217,6 +220,47 @@ def test_readiness_leaves_every_worker_within_100_ms_on_both_protocols(triton: T
         assert 200 not in http_ready, http_ready
         assert not any(grpc_ready), grpc_ready
         assert all(_alive(pid) for pid in pids)  # still serving (shutdown_delay), only not ready
+
+
+def test_sigterm_drains_every_worker_and_their_calls_in_flight_finish(triton: TritonServer, tmp_path: Any) -> None:
+    args = [*WORKERS, "--set", "shutdown_delay=0.5", "--set", "shutdown_grace=20", "--set", "log_level=warning"]
+    proc = SidecarProcess(triton.url, tmp_path, "triton", args).start()
+    try:
+        pids = status(proc)["workers"]["pids"]
+        answers: list[int] = []
+
+        def slow_call(i: int) -> None:  # each on its own connection: the kernel spreads them over the workers
+            body = infer_body([float(i)], rid=f"drain-{i}", parameters={"delay": 1.5})
+            answers.append(exchange(proc.url, "POST", "/v2/models/slow/infer", body).status)
+
+        callers = [threading.Thread(target=slow_call, args=(i,)) for i in range(4)]
+        for t in callers:
+            t.start()
+        wait_until(lambda: (metric(proc, 'sidecar_queue_depth{model="slow"}') or 0) >= 4, 10, "calls in flight")
+        assert proc._process is not None
+        proc._process.send_signal(signal.SIGTERM)
+        for t in callers:
+            t.join(30)
+        assert answers == [200] * 4  # every call in flight finished, whichever worker had it
+        assert proc._process.wait(timeout=30) == 0
+        assert not any(_alive(pid) for pid in pids)
+    finally:
+        proc.stop()
+
+
+def test_a_port_in_use_is_one_line_and_exit_2_with_workers(tmp_path: Any) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        admin, grpc_port = free_ports(2)
+        run = subprocess.run(
+            [sys.executable, "-m", "sidecar", "run", "--listen", f"127.0.0.1:{port}", "--admin", f"127.0.0.1:{admin}",
+             "--store", str(tmp_path / "t.db"), "--set", f"grpc_listen=127.0.0.1:{grpc_port}", *WORKERS],
+            capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and "listen" in lines[0] and str(port) in lines[0], run.stderr
 
 
 def test_the_workers_stop_when_the_control_process_dies(triton: TritonServer, tmp_path: Any) -> None:
