@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -102,9 +103,12 @@ def shared_answers(a: SidecarProcess, b: SidecarProcess, start: float) -> Callab
     return attempt
 
 
+FLUSH_INTERVAL = 0.5
+
+
 def sidecar_args(url: str, namespace: str) -> list[str]:
     return ["--store", url, "--set", f"cache.models={MODEL}", "--set", f"cache.namespace={namespace}",
-            "--set", "record.flush_interval=0.5", "--set", "cache.redis_cooldown=0.5",
+            "--set", f"record.flush_interval={FLUSH_INTERVAL}", "--set", "cache.redis_cooldown=0.5",
             "--set", "cache.redis_timeout=0.05", "--set", "warmup.enabled=false"]
 
 
@@ -121,6 +125,7 @@ def test_two_sidecars_share_memory_and_answers_across_a_failover(topology: Clust
         # The master holding the traffic memory (and some answers) dies under load.
         memory = "{" + NAMESPACE + ":traffic}:epoch"  # the slot of every key of the traffic memory
         victim = topology.master_of(memory) if isinstance(topology, Cluster) else topology.master
+        loaded_from = time.monotonic()
         with Load(a) as load_a, Load(b) as load_b:
             wait_until(lambda: load_a.sent > 20 and load_b.sent > 20, 30, "load on both sidecars")
             victim.kill()
@@ -130,6 +135,7 @@ def test_two_sidecars_share_memory_and_answers_across_a_failover(topology: Clust
                 wait_until(topology.failed_over, 60, "the failover")
             after = (load_a.sent, load_b.sent)
             wait_until(lambda: load_a.sent > after[0] + 50 and load_b.sent > after[1] + 50, 60, "load after it")
+        loaded_for = time.monotonic() - loaded_from
         assert load_a.failures == [] and load_b.failures == []
 
         # The tier is back: a new answer stored by A is B's hit again.
@@ -142,9 +148,14 @@ def test_two_sidecars_share_memory_and_answers_across_a_failover(topology: Clust
                        "the recorder caught up")
         seen = sum(metric(p, "sidecar_recorded_total") for p in (a, b))
         dropped = sum(metric(p, "sidecar_record_store_dropped_total") for p in (a, b))
-    # Both stopped: each flushed what it recorded on the way out, through a breaker closed again.
+    # Both stopped: each flushed what it recorded on the way out, through a breaker closed again. Redis
+    # replicates asynchronously: a master killed may take with it writes it acknowledged and had not yet
+    # passed on (Redis documents this window). Here that is at most the counts of the flushes of the last
+    # second before the kill (two flush intervals), at the load's rate; everything else adds up within 1%.
     recorded = recorded_calls(topology.url)
-    assert seen > 100 and abs(recorded + dropped - seen) <= 0.01 * seen, (recorded, dropped, seen)
+    window = seen / loaded_for * 2 * FLUSH_INTERVAL
+    missing = seen - (recorded + dropped)
+    assert seen > 100 and -0.01 * seen <= missing <= 0.01 * seen + window, (recorded, dropped, seen, window)
 
 
 def _answered(proc: SidecarProcess) -> float:
