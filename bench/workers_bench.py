@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.cache_bench import Measured, interleaved, run_wrk, same_body_lua  # noqa: E402
-from bench.grpc_bench import CACHED, cached_repository, infer_message, load  # noqa: E402
+from bench.grpc_bench import CACHED, cached_repository, infer_message, load, measure  # noqa: E402
 from tests.servers import TritonServer  # noqa: E402
 from tests.sidecar_proc import SidecarProcess  # noqa: E402
 
@@ -93,17 +93,9 @@ def http_section(title: str, targets: dict[str, tuple[str, Callable[[int], str],
 
 
 def grpc_section(targets: dict[str, tuple[str, bytes]], args: argparse.Namespace) -> dict[str, list[Any]]:
-    runs: dict[str, list[Any]] = {name: [] for name in targets}
-    names = list(targets)
     for target, message in targets.values():
-        load(target, message, args.concurrency, 2, 1)  # warm (and fill the caches), unmeasured
-    for r in range(args.rounds):
-        shift = r % len(names)
-        for name in names[shift:] + names[:shift]:
-            target, message = targets[name]
-            runs[name].append(load(target, message, args.concurrency, 2, args.seconds))
-            print(f"grpc round {r + 1} {name}: {runs[name][-1].rps:,.0f} calls/s", file=sys.stderr)
-    return runs
+        load(target, message, args.concurrency, args.procs, 1)  # warm (and fill the caches), unmeasured
+    return measure(targets, args)
 
 
 def grpc_ratio(runs: dict[str, list[Any]], a: str, b: str) -> tuple[float, str]:
@@ -118,6 +110,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--concurrency", type=int, default=16, help="gRPC callers")
+    ap.add_argument("--procs", type=int, default=2, help="gRPC client processes")
     ap.add_argument("--baseline", default="b1fe2d0", help="git revision of the single-process code before workers")
     args = ap.parse_args()
     n = args.workers
@@ -173,9 +166,9 @@ def main() -> int:
                         one.grpc_url, cached),
                     f"sidecar workers={n}, hits": (many.grpc_url, cached),
                 }, args)
-    out += [f"### 3. gRPC ModelInfer, {args.concurrency} callers in 2 client processes, median of {args.rounds} "
-            f"interleaved rounds of {args.seconds:g} s", "", "| target | calls/s (median) | spread | p50 ms | p99 ms "
-            "| errors |", "|---|---|---|---|---|---|"]
+    out += [f"### 3. gRPC ModelInfer, {args.concurrency} callers in {args.procs} client processes, median of "
+            f"{args.rounds} interleaved rounds of {args.seconds:g} s", "",
+            "| target | calls/s (median) | spread | p50 ms | p99 ms | errors |", "|---|---|---|---|---|---|"]
     for name, rs in runs.items():
         out.append(f"| {name} | {statistics.median(r.rps for r in rs):,.0f} | {min(r.rps for r in rs):,.0f}-"
                    f"{max(r.rps for r in rs):,.0f} | {statistics.median(r.p50 for r in rs) * 1e3:.2f} | "

@@ -72,7 +72,7 @@ class PodParts:
     """What a worker shares with the pod's other workers: the one answer tier and the batcher's load view."""
 
     tier: PodTier
-    load: PodLoad | None = None
+    load: PodLoad
 
 
 class DataPlane:

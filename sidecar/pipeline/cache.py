@@ -307,14 +307,6 @@ class CacheStage:
         if self._sharing is not None:
             self._shares = False
 
-    def flush(self, model: str | None = None) -> int:
-        """Make the in-process entries (of one model) unreachable now; the caller bumps the shared epoch."""
-        if model is None:
-            self.generations.bump_all()
-        else:
-            self.generations.bump(model)
-        return self.memory.flush(model)
-
     def report(self) -> dict[str, Any]:
         """For /status: per-model hit ratios and counts, the in-process tier's size, the shared tier's state."""
         stored = self.memory.entries_by_model()

@@ -73,15 +73,11 @@ class Outbox:
     def __repr__(self) -> str:
         return f"<Outbox {len(self.items)} waiting, {self.dropped} dropped>"
 
-    def _put(self, fold: Any, kind: str, *args: Any) -> None:
-        item = self.items.get(fold)
-        if item is not None:
-            item[2] += 1
-            return
+    def _put(self, fold: Any, kind: str, *args: Any, count: int = 1) -> None:
         if len(self.items) >= OUTBOX_ITEMS or self.channel.pending > OUTBOX_BYTES:
             self.dropped += 1
             return
-        self.items[fold] = [kind, args, 1]
+        self.items[fold] = [kind, args, count]
         if not self._scheduled:
             self._scheduled = True
             asyncio.get_running_loop().call_later(_SEND_EVERY, self._send)
@@ -100,12 +96,11 @@ class Outbox:
         # key holds the memo itself (compared by identity), so it lives until the batch is sent.
         memo = call.memo
         fold = ("seen", memo, call.context, call.private, call.scope) if memo is not None else object()
-        if memo is not None and fold in self.items:
-            self.items[fold][2] += count
+        item = self.items.get(fold)
+        if item is not None:
+            item[2] += count
             return
-        self._put(fold, "seen", dataclasses.replace(call, wire=None, memo=None, deadline=0.0))
-        if count > 1 and fold in self.items:
-            self.items[fold][2] += count - 1
+        self._put(fold, "seen", dataclasses.replace(call, wire=None, memo=None, deadline=0.0), count=count)
 
     def _seen_large(self, call: Call) -> None:
         if self._keying >= _KEYING_MAX:
@@ -130,29 +125,38 @@ class Outbox:
         finally:
             self._keying -= 1
 
+    def _repeat(self, kind: str, *args: Any) -> None:
+        """An observation that folds with its repeats in one batch (the same kind and arguments)."""
+        fold = (kind, *args)
+        item = self.items.get(fold)
+        if item is not None:
+            item[2] += 1
+        else:
+            self._put(fold, kind, *args)
+
     def batched(self, model: str, shape: str, size: int) -> None:
-        self._put(("batched", model, shape, size), "batched", model, shape, size)
+        self._repeat("batched", model, shape, size)
 
     def touched(self, model: str) -> None:
-        self._put(("touched", model), "touched", model)
+        self._repeat("touched", model)
 
     def wanted(self, model: str) -> None:
-        self._put(("wanted", model), "wanted", model)
+        self._repeat("wanted", model)
 
     def upstream_failed(self) -> None:
-        self._put(("upstream_failed",), "upstream_failed")
+        self._repeat("upstream_failed")
 
     def model_changed(self, model: str) -> None:
-        self._put(object(), "model_changed", model)
+        self._put(object(), "model_changed", model)  # each one flushes the fleet: never folded
 
     def restriction_named(self, http_header: bytes, grpc_key: bytes) -> None:
-        self._put(("restriction_named", http_header, grpc_key), "restriction_named", http_header, grpc_key)
+        self._repeat("restriction_named", http_header, grpc_key)
 
     def model_known(self, model: str) -> None:
-        self._put(("model_known", model), "model_known", model)
+        self._repeat("model_known", model)
 
     def answers_changed(self, model: str) -> None:
-        self._put(("answers_changed", model), "answers_changed", model)
+        self._repeat("answers_changed", model)
 
 
 def worker_config(cfg: Config, workers: int) -> Config:
